@@ -1,0 +1,1 @@
+"""PyTorch <-> Flax weight conversion. The only place that knows PyTorch parameter names."""

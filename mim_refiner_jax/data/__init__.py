@@ -1,0 +1,1 @@
+"""Input pipeline: sources, multi-crop augmentation, per-host Grain loading."""

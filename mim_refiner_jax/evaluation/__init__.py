@@ -1,0 +1,1 @@
+"""Evaluation: feature extraction and the jitted k-NN classifier."""

@@ -1,0 +1,1 @@
+"""Flax models: the ViT encoder (pre-norm and post-norm), ID heads, the refiner."""

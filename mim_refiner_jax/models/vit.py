@@ -1,0 +1,223 @@
+"""Vision Transformer encoder: pre-norm (MAE, MAWS, dBOT, CrossMAE) and post-norm (data2vec 2.0).
+
+Follows ../shared/reference/refiner_facts.md section 1. The module returns `(out, aux)`:
+`out` is the "main" output `[B, 1 + h*w, D]` (after the final LayerNorm for pre-norm models; the
+last block's output for post-norm ones, which have no final norm), and `aux` holds, for each block
+index requested in `blocks`, the raw residual-stream CLS token and mean patch token of that block
+(section 2: heads read `blocks[i]` without any norm). Blocks that are not requested are never
+sliced, so they cost nothing after jit.
+
+Variables:
+  params:  patch_embed{kernel (p,p,3,D), bias}, cls_token (1,1,D), [embed_norm{scale,bias}],
+           blocks_{i}{norm1, attn{qkv, proj}, norm2, mlp{fc1, fc2}}, [norm{scale,bias}]
+  buffers: pos_embed (1, g, g, D): the frozen position table, loaded from the checkpoint and never
+           trained (section 1.1). Other grids are resized with torch's bicubic kernel.
+"""
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# width, depth, heads. Test sizes first, then the paper's (section 1.4); MLP ratio is 4 for all.
+SIZES = {
+    "mu": dict(width=32, depth=2, num_heads=2),
+    "tiny": dict(width=192, depth=12, num_heads=3),
+    "small": dict(width=384, depth=12, num_heads=6),
+    "base": dict(width=768, depth=12, num_heads=12),
+    "large": dict(width=1024, depth=24, num_heads=16),
+    "huge": dict(width=1280, depth=32, num_heads=16),
+    "twob": dict(width=2560, depth=24, num_heads=32),
+}
+
+NORM_EPS = 1e-6  # LayerNorm eps of every MIM model here (section 1.1)
+
+
+def torch_bicubic_matrix(in_size: int, out_size: int, a: float = -0.75) -> np.ndarray:
+  """`[out_size, in_size]` matrix M with `M @ x` == torch bicubic resize of x along one axis.
+
+  Torch's `interpolate(mode="bicubic", align_corners=False, antialias=False)` (section 1.1):
+  source coordinate s = (o + 0.5) * in / out - 0.5 (unclamped), taps floor(s)-1 .. floor(s)+2
+  clamped to the border, Keys kernel with A = -0.75, no widening when downsampling. 2-D resizing is
+  separable, so applying this matrix along each spatial axis reproduces torch.
+  """
+
+  def kernel(x):
+    x = abs(x)
+    if x <= 1:
+      return (a + 2) * x**3 - (a + 3) * x**2 + 1
+    if x < 2:
+      return a * x**3 - 5 * a * x**2 + 8 * a * x - 4 * a
+    return 0.0
+
+  matrix = np.zeros((out_size, in_size), np.float64)
+  scale = in_size / out_size
+  for o in range(out_size):
+    s = (o + 0.5) * scale - 0.5
+    i0 = int(np.floor(s))
+    t = s - i0
+    for k in (-1, 0, 1, 2):
+      matrix[o, min(max(i0 + k, 0), in_size - 1)] += kernel(t - k)
+  return matrix
+
+
+def resize_pos_embed(pos: jax.Array, grid: tuple[int, int]) -> jax.Array:
+  """Resizes a `(1, h, w, D)` position table to `grid` with torch's bicubic kernel (in fp32)."""
+  _, h, w, _ = pos.shape
+  if (h, w) == tuple(grid):
+    return pos
+  rows = jnp.asarray(torch_bicubic_matrix(h, grid[0]), jnp.float32)
+  cols = jnp.asarray(torch_bicubic_matrix(w, grid[1]), jnp.float32)
+  hp = jax.lax.Precision.HIGHEST
+  pos = jnp.einsum("oh,bhwd->bowd", rows, pos.astype(jnp.float32), precision=hp)
+  return jnp.einsum("pw,bowd->bopd", cols, pos, precision=hp)
+
+
+def sincos_pos_embed(grid: int, dim: int) -> np.ndarray:
+  """MAE's fixed 2-D sin-cos table `(1, grid, grid, dim)`, column code in the first half.
+
+  Only for models trained from scratch (tools/pretrain_mae.py). Refinement always loads the table
+  from the checkpoint and never regenerates it (section 1.1, "sin-cos trap").
+  """
+  assert dim % 4 == 0, f"sin-cos position table needs a width divisible by 4, got {dim}"
+  omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4.0))
+
+  def encode(coords):  # [grid, grid] -> [grid, grid, dim/2]
+    out = coords[..., None] * omega
+    return np.concatenate([np.sin(out), np.cos(out)], axis=-1)
+
+  rows, cols = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64),
+                           indexing="ij")
+  table = np.concatenate([encode(cols), encode(rows)], axis=-1)
+  return table[None].astype(np.float32)
+
+
+LayerNorm = functools.partial(nn.LayerNorm, epsilon=NORM_EPS, dtype=jnp.float32)
+
+
+class Attention(nn.Module):
+  """Fused-qkv multi-head self-attention; qkv output axis laid out (3, heads, head_dim)."""
+  num_heads: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    b, t, d = x.shape
+    dense = functools.partial(nn.Dense, dtype=self.dtype,
+                              kernel_init=nn.initializers.xavier_uniform())
+    qkv = dense(3 * d, name="qkv")(x).reshape(b, t, 3, self.num_heads, d // self.num_heads)
+    out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+    return dense(d, name="proj")(out.reshape(b, t, d))
+
+
+class Mlp(nn.Module):
+  hidden: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    dense = functools.partial(nn.Dense, dtype=self.dtype,
+                              kernel_init=nn.initializers.xavier_uniform())
+    h = nn.gelu(dense(self.hidden, name="fc1")(x), approximate=False)  # exact erf GELU
+    return dense(x.shape[-1], name="fc2")(h)
+
+
+class Block(nn.Module):
+  """Transformer block. The residual stream stays fp32; linears run in `dtype` (section 1.5)."""
+  num_heads: int
+  mlp_hidden: int
+  prenorm: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    attn = Attention(self.num_heads, self.dtype, name="attn")
+    mlp = Mlp(self.mlp_hidden, self.dtype, name="mlp")
+    norm1, norm2 = LayerNorm(name="norm1"), LayerNorm(name="norm2")
+    if self.prenorm:  # x + Attn(LN x), x + MLP(LN x)
+      x = x + attn(norm1(x))
+      return x + mlp(norm2(x))
+    x = norm1(x + attn(x))  # post-norm (data2vec 2.0): LN(x + Attn x), LN(x + MLP x)
+    return norm2(x + mlp(x))
+
+
+class ViT(nn.Module):
+  """ViT encoder exposing the CLS and mean-patch token of any block.
+
+  Attributes:
+    patch_size: side of a square patch.
+    width, depth, num_heads, mlp_ratio: transformer size (see `SIZES`).
+    prenorm: True for the MAE family (final `norm`), False for data2vec 2.0 (`embed_norm` before
+      block 0, post-norm blocks, no final norm).
+    pos_grid: side of the stored position table (14 for L/16 at 224 px, 16 for H/14 and 2B/14).
+    dtype: compute dtype of convolutions, linears and attention. Parameters, LayerNorms, the
+      position table and the residual stream stay fp32, matching torch bf16 autocast.
+    remat: rematerialise each block in the backward pass (saves activation memory for 2B).
+  """
+  patch_size: int = 16
+  width: int = 1024
+  depth: int = 24
+  num_heads: int = 16
+  mlp_ratio: float = 4.0
+  prenorm: bool = True
+  pos_grid: int = 14
+  dtype: Any = jnp.float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, images: jax.Array, blocks: Sequence[int] = (), keep: jax.Array | None = None):
+    """Encodes `images` `[B, H, W, 3]` (normalised; H, W divisible by the patch size).
+
+    `keep` `[B, K]` (optional) lists the patch indices (row-major) to keep, as MAE's random
+    masking does after adding the position table; refinement never masks (section 1.1).
+    """
+    p, d = self.patch_size, self.width
+    if images.shape[1] % p or images.shape[2] % p:
+      raise ValueError(f"image size {images.shape[1:3]} is not divisible by patch size {p}")
+    bad = [i for i in blocks if not 0 <= i < self.depth]
+    if bad:
+      raise ValueError(f"block indices {bad} out of range for a ViT of depth {self.depth}")
+
+    x = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+                name="patch_embed")(images)
+    b, h, w, _ = x.shape
+    pos = self.variable("buffers", "pos_embed",
+                        lambda: jnp.asarray(sincos_pos_embed(self.pos_grid, d))).value
+    # The fp32 table promotes the (possibly bf16) conv output: the residual stream is fp32.
+    x = (x + resize_pos_embed(pos, (h, w))).reshape(b, h * w, d)
+    if keep is not None:
+      x = jnp.take_along_axis(x, keep[:, :, None], axis=1)
+    cls = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, d), jnp.float32)
+    x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)).astype(x.dtype), x], axis=1)
+    if not self.prenorm:
+      x = LayerNorm(name="embed_norm")(x)
+
+    block_cls = nn.remat(Block) if self.remat else Block
+    wanted = set(blocks)
+    aux = {"block_cls": {}, "block_patch_mean": {}}
+    for i in range(self.depth):
+      x = block_cls(self.num_heads, int(self.mlp_ratio * d), self.prenorm, self.dtype,
+                    name=f"blocks_{i}")(x)
+      if i in wanted:
+        aux["block_cls"][i] = x[:, 0]
+        aux["block_patch_mean"][i] = x[:, 1:].mean(axis=1)
+    out = LayerNorm(name="norm")(x) if self.prenorm else x
+    aux["cls"] = out[:, 0]
+    aux["patch_mean"] = out[:, 1:].mean(axis=1)
+    return out, aux
+
+
+def vit_kwargs(size: str, patch_size: int, prenorm: bool = True, image_size: int = 224,
+               **overrides) -> dict:
+  """Constructor arguments for a named size, e.g. `ViT(**vit_kwargs("large", 16))`."""
+  if size not in SIZES:
+    raise ValueError(f"unknown ViT size {size!r}; known: {sorted(SIZES)}")
+  if image_size % patch_size:
+    raise ValueError(f"image size {image_size} is not divisible by patch size {patch_size}")
+  kwargs = dict(SIZES[size], patch_size=patch_size, prenorm=prenorm,
+                pos_grid=image_size // patch_size)
+  kwargs.update(overrides)
+  return kwargs
