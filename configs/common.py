@@ -1,0 +1,67 @@
+"""Shared defaults of the refinement configs (../shared/reference/refiner_facts.md sections 7-10).
+
+Each run file (mae_l16.py, d2v2_h14.py, ...) states only what differs between runs, as the
+reference's yaml templates do, and calls `refinement_config`.
+"""
+
+import ml_collections
+
+from mim_refiner_jax import config as config_lib
+
+IMAGENET_TRAIN_EXAMPLES = 1_281_167
+
+
+def refinement_config(*, stage: int, vit_size: str, patch_size: int, prenorm: bool,
+                      heads: list[str], batch_size: int, epochs: int, local_size: int,
+                      pretrained: str, stage2_workdir: str, frozen_blocks: int = 0,
+                      remat: bool = False, sharding_rules: str = "replicate",
+                      ) -> ml_collections.ConfigDict:
+  """Stage 2 (heads on a frozen encoder, top-1 NN) or stage 3 (everything, top-20 NN)."""
+  if stage not in (2, 3):
+    raise ValueError(f"stage must be 2 or 3, got {stage}")
+  depth = {"large": 24, "huge": 32, "twob": 24}[vit_size]
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.stage = stage
+
+  # Encoder (section 1). compute_dtype bfloat16 matches the reference's bf16 autocast (1.5).
+  c.model = dict(size=vit_size, patch_size=patch_size, prenorm=prenorm, image_size=224,
+                 compute_dtype="bfloat16", remat=remat)
+  # Stage 2 starts from converted pre-trained weights (any format tools/convert_weights.py reads);
+  # stage 3 from the last checkpoint of a stage-2 workdir: encoder, heads, BN stats and queues.
+  c.init = dict(pretrained=pretrained if stage == 2 else "",
+                stage2_workdir=stage2_workdir if stage == 3 else "")
+
+  # ID heads (sections 2, 4): reference names nnclr_temp{T}_cls{block}; "cls" = main output.
+  c.heads = dict(names=",".join(heads), proj_hidden=2048, pred_hidden=4096, out_dim=256)
+  c.queue = dict(size=65536, topk=1 if stage == 2 else 20, similarity_dtype="bfloat16")
+  c.loss = dict(local_view_indexing="reference")  # the official quirk (section 6)
+
+  # Optimisation (section 7).
+  c.batch_size = batch_size
+  c.num_epochs = epochs
+  c.warmup_epochs = 4
+  c.optim = dict(base_lr=2e-4 if stage == 2 else 4e-4, end_lr=1e-6, b1=0.9, b2=0.95, eps=1e-8,
+                 layer_decay=0.65, encoder_wd=0.05, head_wd=1e-5, frozen_blocks=frozen_blocks)
+  c.ema_decay = 0.9999 if stage == 3 else 0.0  # 0 disables the EMA (stage 2 has none)
+
+  # Data (sections 9, 10): ImageNet-1k from tfds (see mim_refiner_jax/data/sources.py).
+  c.data = dict(
+      train=dict(name="tfds", dataset="imagenet2012", split="train", data_dir=""),
+      num_train_examples=IMAGENET_TRAIN_EXAMPLES,
+      global_size=224, local_size=local_size, num_local=10, color_augs=True,
+      worker_count=8, fail_fast=False)
+  c.evals = dict(knn=dict(
+      every_epochs=1,
+      train=dict(name="tfds", dataset="imagenet2012_subset/10pct", split="train", data_dir=""),
+      test=dict(name="tfds", dataset="imagenet2012", split="validation", data_dir=""),
+      resize_size=256, crop_size=224, batch_size=1024, k=10, tau=0.07,
+      features=f"block{depth - 1}_cls,block{depth - 1}_patch_mean"))
+
+  # Mesh (data, fsdp): -1 takes all remaining devices. "fsdp" rules shard big params.
+  c.sharding = dict(data=-1, fsdp=1, rules=sharding_rules)
+  c.checkpoint = dict(every_steps=1000, keep=3)
+  c.log_every_steps = 50
+  return c
+
+
