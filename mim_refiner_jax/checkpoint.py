@@ -1,0 +1,113 @@
+"""Orbax checkpoints built around resume: state, data-iterator state and metadata in one step dir.
+
+A checkpoint step holds three items:
+  state: the train state pytree (params, optimizer, EMA, BatchNorm statistics, queues, step, rng);
+  data:  the Grain iterator state, so a restart continues on the exact next batch;
+  meta:  JSON (config name, stage, step, wall time) for people and tools.
+Saves are asynchronous; `close()` waits for the last one. Restoring takes abstract targets that
+carry the shardings wanted now, so a checkpoint restores onto a mesh of any device count
+(../shared/ENGINEERING.md, Orbax section).
+"""
+
+import os
+import signal
+import threading
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+STATE, DATA, META = "state", "data", "meta"
+
+
+class PreemptionFlag:
+  """Set by SIGTERM; the loop saves and exits cleanly when it sees it.
+
+  Single-process runs rely on this handler. Multi-process runs also ask Orbax, whose
+  `reached_preemption` agrees on one step across hosts through JAX's coordination service.
+  """
+
+  def __init__(self):
+    self._event = threading.Event()
+    self._previous = None
+
+  def install(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    logging.warning("SIGTERM received: saving a checkpoint and stopping at the next step.")
+    self._event.set()
+
+  def uninstall(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+  def is_set(self) -> bool:
+    return self._event.is_set()
+
+
+class Checkpointer:
+  """Thin wrapper over `ocp.CheckpointManager` with the three items above."""
+
+  def __init__(self, directory: str, *, every_steps: int, keep: int, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    self.every_steps = every_steps
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, save_interval_steps=every_steps, create=True,
+        enable_async_checkpointing=async_save)
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={STATE: ocp.StandardCheckpointHandler(),
+                       DATA: grain.checkpoint.CheckpointHandler(),
+                       META: ocp.JsonCheckpointHandler()})
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def should_save(self, step: int) -> bool:
+    return self._manager.should_save(step)
+
+  def reached_preemption(self, step: int) -> bool:
+    return jax.process_count() > 1 and self._manager.reached_preemption(step)
+
+  def save(self, step: int, state, data_iterator, meta: dict, *, force: bool = False) -> bool:
+    items = {STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta)}
+    if data_iterator is not None:
+      items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
+    try:
+      return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+    except OSError as e:  # a full disk or a vanished mount: say so, keep what is saved
+      raise OSError(f"saving checkpoint step {step} to {self.directory} failed: {e}. Earlier "
+                    f"checkpoints there are intact; free disk space and rerun to resume.") from e
+
+  def restore(self, step: int, abstract_state, data_iterator=None):
+    """Returns `(state, meta)`; `data_iterator` (if given) is restored in place."""
+    items = {STATE: ocp.args.StandardRestore(abstract_state), META: ocp.args.JsonRestore()}
+    if data_iterator is not None:
+      items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    return restored[STATE], restored[META]
+
+  def restore_metadata(self, step: int) -> dict:
+    return self._manager.restore(step, args=ocp.args.Composite(
+        **{META: ocp.args.JsonRestore()}))[META]
+
+  def wait(self):
+    self._manager.wait_until_finished()
+
+  def close(self):
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def abstract_with_shardings(shapes, shardings):
+  """`jax.ShapeDtypeStruct` targets carrying the shardings wanted now (any device count)."""
+  return jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
