@@ -39,8 +39,8 @@ def refinement_config(*, stage: int, vit_size: str, patch_size: int, prenorm: bo
 
   # Optimisation (section 7).
   c.batch_size = batch_size
-  c.num_epochs = epochs
-  c.warmup_epochs = 4
+  c.num_epochs = float(epochs)
+  c.warmup_epochs = 4.0
   c.optim = dict(base_lr=2e-4 if stage == 2 else 4e-4, end_lr=1e-6, b1=0.9, b2=0.95, eps=1e-8,
                  layer_decay=0.65, encoder_wd=0.05, head_wd=1e-5, frozen_blocks=frozen_blocks)
   c.ema_decay = 0.9999 if stage == 3 else 0.0  # 0 disables the EMA (stage 2 has none)

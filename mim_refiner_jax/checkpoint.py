@@ -56,8 +56,9 @@ class Checkpointer:
   def __init__(self, directory: str, *, every_steps: int, keep: int, async_save: bool = True):
     self.directory = os.path.abspath(directory)
     self.every_steps = every_steps
+    # The trainer decides when to save (`should_save`); Orbax only keeps the last `keep`.
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, save_interval_steps=every_steps, create=True,
+        max_to_keep=keep, save_interval_steps=1, create=True,
         enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,
@@ -72,7 +73,7 @@ class Checkpointer:
     return list(self._manager.all_steps())
 
   def should_save(self, step: int) -> bool:
-    return self._manager.should_save(step)
+    return self.every_steps > 0 and step % self.every_steps == 0
 
   def reached_preemption(self, step: int) -> bool:
     return jax.process_count() > 1 and self._manager.reached_preemption(step)

@@ -217,7 +217,7 @@ def vit_kwargs(size: str, patch_size: int, prenorm: bool = True, image_size: int
     raise ValueError(f"unknown ViT size {size!r}; known: {sorted(SIZES)}")
   if image_size % patch_size:
     raise ValueError(f"image size {image_size} is not divisible by patch size {patch_size}")
-  kwargs = dict(SIZES[size], patch_size=patch_size, prenorm=prenorm,
+  kwargs = dict(SIZES[size], patch_size=patch_size, mlp_ratio=4.0, prenorm=prenorm,
                 pos_grid=image_size // patch_size)
   kwargs.update(overrides)
   return kwargs
