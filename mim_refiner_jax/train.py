@@ -305,11 +305,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_after: int | Non
     state, meta = ckpt.restore(resume_step, target, train_iter)
     log("resumed %s at step %d (saved %s)", workdir, resume_step, meta.get("time"))
   elif s2_state is not None:
-    state, shardings = state_lib.stage3_from_stage2(s2_state, tx, mesh, rules)
+    state, shardings = state_lib.stage3_from_stage2(s2_state, tx, mesh, rules,
+                                                    with_ema=with_ema)
     del s2_state
-    if not with_ema:
-      state.pop("ema")
-      shardings.pop("ema")
   else:
     state, shardings = state_lib.create_state(init_fn, key, mesh, rules)
     state = insert_pretrained(state, shardings, pretrained.variables)
