@@ -17,6 +17,9 @@ import numpy as np
 import portpicker
 import pytest
 
+from mim_refiner_jax import checkpoint as checkpoint_lib
+from mim_refiner_jax import metrics as metrics_lib
+from mim_refiner_jax import sharding
 from mim_refiner_jax import train as train_lib
 from mim_refiner_jax.convert.checkpoints import save_flax
 from mim_refiner_jax.models.vit import ViT, vit_kwargs
@@ -77,6 +80,20 @@ def test_resume_equivalence(pretrained, tmp_path):
   assert sorted(a) == sorted(b) == list(range(1, 7))
   for step in range(1, 7):
     assert a[step] == b[step], step
+  # The checkpoint (written from 8 devices) restores onto a 2-device mesh with equal values.
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "resumed" / "checkpoints"), every_steps=1,
+                                     keep=1)
+  mesh = sharding.make_mesh(devices=jax.devices()[:2])
+  shapes = jax.eval_shape(lambda: straight)
+  target = checkpoint_lib.abstract_with_shardings(
+      shapes, sharding.infer_shardings(mesh, shapes, sharding.state_rules("fsdp", 1)))
+  restored, meta = ckpt.restore(ckpt.latest_step(), target)
+  ckpt.close()
+  assert meta["step"] == 6
+  for path, a in jax.tree_util.tree_leaves_with_path(as_numpy(restored)):
+    np.testing.assert_array_equal(a, flat_b[path], err_msg=jax.tree_util.keystr(path))
+  queue_x = restored["queues"]["nnclr_temp02_cls"]["x"]
+  assert len(queue_x.sharding.device_set) == 2
   # The exports are the EMA encoder in Flax and the official PyTorch layout.
   export = tmp_path / "resumed" / "export"
   assert (export / "encoder_flax").is_dir() and (export / "encoder_refined.th").is_file()
@@ -154,3 +171,17 @@ def test_two_processes(pretrained, tmp_path):
     knn = [json.loads(line) for line in f if "knn/cls" in line]
   assert knn and 0.0 <= knn[-1]["knn/cls"] <= 1.0
   assert os.path.isfile(os.path.join(workdir, "export", "encoder_refined.th"))
+
+
+def test_non_finite_loss_stops_without_saving(tmp_path):
+  """NaN weights: the run stops with a clear error at the first fetched loss, saving nothing."""
+  kwargs = vit_kwargs("mu", 4, image_size=16)
+  variables = ViT(**kwargs).init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+  variables = jax.tree.map(lambda x: np.full(x.shape, np.nan, np.float32), variables)
+  path = str(tmp_path / "nan_weights")
+  save_flax(path, variables, kwargs)
+  config = _config(path, arg="stage=2,knn=false", **{"checkpoint.every_steps": 1})
+  workdir = tmp_path / "run"
+  with pytest.raises(metrics_lib.NonFiniteLossError, match="loss"):
+    train_lib.train(config, str(workdir))
+  assert not [d for d in os.listdir(workdir / "checkpoints") if d.isdigit()]
