@@ -272,8 +272,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_after: int | Non
                                         fail_fast=config.data.fail_fast))
   num_examples = config.data.num_train_examples or len(source)
   steps_per_ep = config_lib.steps_per_epoch(num_examples, config.batch_size)
+  # Any other MultiCropConfig field (e.g. flip_p, global_scale) via config.data.multicrop.
   crop_cfg = dict(global_size=config.data.global_size, local_size=config.data.local_size,
-                  num_local=config.data.num_local, color_augs=config.data.color_augs)
+                  num_local=config.data.num_local, color_augs=config.data.color_augs,
+                  **config.data.get("multicrop", {}))
   train_iter = loader_lib.make_train_loader(source, crop_cfg, config.batch_size, config.seed,
                                             worker_count=config.data.worker_count)
 
