@@ -265,7 +265,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_after: int | Non
   stage2 = config.stage == 2
   key = jax.random.key(config.seed)
   log("devices: %d x %s, processes: %d, mesh %s", jax.device_count(),
-               jax.devices()[0].device_kind, jax.process_count(), dict(mesh.shape))
+      jax.devices()[0].device_kind, jax.process_count(), dict(mesh.shape))
 
   # ---------------------------------------------------------------------------------- input
   source = sources_lib.make_source(dict(_source_cfg(config.data.train),
@@ -305,7 +305,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_after: int | Non
     shardings = state_lib.state_shardings(init_fn, key, mesh, rules)
     target = checkpoint_lib.abstract_with_shardings(jax.eval_shape(init_fn, key), shardings)
     state, meta = ckpt.restore(resume_step, target, train_iter)
-    log("resumed %s at step %d (saved %s)", workdir, resume_step, meta.get("time"))
+    log("resumed %s at step %d (saved %s)", workdir, resume_step,
+        time.ctime(meta["time"]) if "time" in meta else "at an unknown time")
   elif s2_state is not None:
     state, shardings = state_lib.stage3_from_stage2(s2_state, tx, mesh, rules,
                                                     with_ema=with_ema)
@@ -362,7 +363,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_after: int | Non
   last = {}
   step = start
   log("stage %d: steps %d -> %d (%.1f steps/epoch), batch %d", config.stage, start,
-               total_steps, steps_per_ep, config.batch_size)
+      total_steps, steps_per_ep, config.batch_size)
   try:
     while step < total_steps:
       host = _host_batch(train_iter)

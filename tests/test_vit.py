@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mim_refiner_jax.models.vit import ViT, resize_pos_embed, torch_bicubic_matrix
+from mim_refiner_jax.models.vit import ViT, resize_pos_embed, torch_bicubic_matrix, vit_kwargs
 
 MU = dict(patch_size=4, width=32, depth=2, num_heads=2, pos_grid=4)
 
@@ -100,3 +100,21 @@ def test_bf16_compute_keeps_residual_stream_fp32(prenorm):
     assert block["norm1"]["__call__"][0].dtype == jnp.float32
     assert aux["block_cls"][i].dtype == jnp.float32
   assert out.dtype == aux["cls"].dtype == aux["patch_mean"].dtype == jnp.float32
+
+
+def test_remat_gives_the_same_outputs_and_gradients():
+  """Rematerialisation (for 2B memory) changes what is stored for the backward pass, not results."""
+  kwargs = vit_kwargs("mu", 4, image_size=16)
+  plain, remat = ViT(**kwargs), ViT(**kwargs, remat=True)
+  images = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+  variables = plain.init(jax.random.key(0), images)
+
+  def loss(model, params):
+    out, aux = model.apply({**variables, "params": params}, images, blocks=(0,))
+    return (out ** 2).mean() + aux["block_cls"][0].sum()
+
+  value_a, grads_a = jax.value_and_grad(lambda p: loss(plain, p))(variables["params"])
+  value_b, grads_b = jax.value_and_grad(lambda p: loss(remat, p))(variables["params"])
+  np.testing.assert_allclose(value_a, value_b, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               grads_a, grads_b)
