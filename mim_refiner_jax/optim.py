@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mim_refiner_jax import sharding as sharding_lib
+
 # Parameter groups for layer-wise LR decay (section 7 table). Exactly one rule must match each path.
 # Stem: the reference's prefixes patch_embed, cls_token, pos_embed, embed_norm and the name
 # mask_token (pos_embed is a buffer here, so it is not listed).
@@ -86,15 +88,9 @@ def _path_str(path) -> str:
   """'encoder/blocks_3/attn/qkv/kernel' from a string, a tuple of names or a jax key path."""
   if isinstance(path, str):
     return path
-  parts = []
-  for k in path:
-    for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey
-      if hasattr(k, attr):
-        k = getattr(k, attr)
-        break
-    parts.append(str(k))
-  return "/".join(parts)
-
+  if all(isinstance(k, str) for k in path):
+    return "/".join(path)
+  return sharding_lib.path_str(path)
 
 def _match_group(path: str) -> tuple[str, re.Match]:
   matches = [(name, m) for name, rule in _GROUP_RULES if (m := rule.match(path))]

@@ -7,7 +7,7 @@
    "opt":         the optax state of the params,
    "ema":         EMA of the encoder params (stage 3 only; absent in stage 2),
    "queues":      {name: queue dict, see objectives/queue.py},
-   "rng":         raw uint32[2] PRNG key (checkpoint-friendly)}
+   "rng":         PRNG key (its per-step key is fold_in(rng, step))}
 
 `create_state` builds it as big_vision does: `jax.eval_shape(init)` -> shardings from rules ->
 `jax.jit(init, out_shardings=...)`, so parameters are created directly in their shards and never
@@ -23,6 +23,15 @@ from mim_refiner_jax.models.refiner import Refiner
 from mim_refiner_jax.objectives.queue import init_queue
 
 
+def fresh_state(params, buffers, batch_stats, queues, rng, tx, with_ema: bool) -> dict:
+  """The state layout above at step 0 with a fresh optimizer (and the EMA from the encoder)."""
+  state = {"step": jnp.zeros((), jnp.int32), "params": params, "buffers": buffers,
+           "batch_stats": batch_stats, "opt": tx.init(params), "queues": queues, "rng": rng}
+  if with_ema:
+    state["ema"] = jax.tree.map(lambda x: x.astype(jnp.float32), params["encoder"])
+  return state
+
+
 def make_init_fn(model: Refiner, tx, *, global_shape, local_shape=None, queue_size: int,
                  with_ema: bool):
   """`init(key) -> state` for images of `global_shape` `(G, G, 3)` and `local_shape` (or None)."""
@@ -32,21 +41,10 @@ def make_init_fn(model: Refiner, tx, *, global_shape, local_shape=None, queue_si
     g = jnp.zeros((2, 2) + tuple(global_shape), jnp.float32)
     l = None if local_shape is None else jnp.zeros((1, 2) + tuple(local_shape), jnp.float32)
     variables = model.init(k_model, g, l)
-    params = variables["params"]
-    dim = model.head.output_dim
-    state = {
-        "step": jnp.zeros((), jnp.int32),
-        "params": params,
-        "buffers": variables["buffers"],
-        "batch_stats": variables["batch_stats"],
-        "opt": tx.init(params),
-        "queues": {h.name: init_queue(jax.random.fold_in(k_queue, i), queue_size, dim)
-                   for i, h in enumerate(model.heads)},
-        "rng": k_rng,
-    }
-    if with_ema:
-      state["ema"] = params["encoder"]
-    return state
+    queues = {h.name: init_queue(jax.random.fold_in(k_queue, i), queue_size,
+                                 model.head.output_dim) for i, h in enumerate(model.heads)}
+    return fresh_state(variables["params"], variables["buffers"], variables["batch_stats"],
+                       queues, k_rng, tx, with_ema)
   return init
 
 
@@ -55,11 +53,6 @@ def create_state(init_fn, key, mesh, rules):
   shapes = jax.eval_shape(init_fn, key)
   shardings = sharding_lib.infer_shardings(mesh, shapes, rules)
   return jax.jit(init_fn, out_shardings=shardings)(key), shardings
-
-
-def state_shardings(init_fn, key, mesh, rules):
-  """Shardings of the state (e.g. restore targets) without creating it."""
-  return sharding_lib.infer_shardings(mesh, jax.eval_shape(init_fn, key), rules)
 
 
 def stage3_from_stage2(stage2_state: dict, tx, mesh, rules, key=None, with_ema: bool = True):
@@ -74,19 +67,9 @@ def stage3_from_stage2(stage2_state: dict, tx, mesh, rules, key=None, with_ema: 
   Returns `(state, shardings)`; the stage-2 state is not donated (it may still be saved).
   """
   def build(s2):
-    params = s2["params"]
-    state = {
-        "step": jnp.zeros((), jnp.int32),
-        "params": params,
-        "buffers": s2["buffers"],
-        "batch_stats": s2["batch_stats"],
-        "opt": tx.init(params),
-        "queues": s2["queues"],
-        "rng": jax.random.fold_in(s2["rng"], 3) if key is None else key,
-    }
-    if with_ema:
-      state["ema"] = jax.tree.map(lambda x: x.astype(jnp.float32), params["encoder"])
-    return state
+    rng = jax.random.fold_in(s2["rng"], 3) if key is None else key
+    return fresh_state(s2["params"], s2["buffers"], s2["batch_stats"], s2["queues"], rng, tx,
+                       with_ema)
 
   shapes = jax.eval_shape(build, stage2_state)
   shardings = sharding_lib.infer_shardings(mesh, shapes, rules)

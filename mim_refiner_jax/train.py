@@ -302,8 +302,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_after: int | Non
   init_fn = _init_fn(config, model, tx, with_ema)
 
   if resume_step is not None:
-    shardings = state_lib.state_shardings(init_fn, key, mesh, rules)
-    target = checkpoint_lib.abstract_with_shardings(jax.eval_shape(init_fn, key), shardings)
+    shapes = jax.eval_shape(init_fn, key)
+    shardings = sharding_lib.infer_shardings(mesh, shapes, rules)
+    target = checkpoint_lib.abstract_with_shardings(shapes, shardings)
     state, meta = ckpt.restore(resume_step, target, train_iter)
     log("resumed %s at step %d (saved %s)", workdir, resume_step,
         time.ctime(meta["time"]) if "time" in meta else "at an unknown time")

@@ -80,7 +80,8 @@ def setup(mesh_kind: str, stage: int, rules: str = "replicate", topk: int = 5,
   tx, lr_fn = make_tx(model, stage)
   init = init_fn(model, tx, stage)
   rule_list = sharding.state_rules(rules, min_fsdp_size=0)
-  shardings = state_lib.state_shardings(init, jax.random.PRNGKey(SEED), mesh, rule_list)
+  shardings = sharding.infer_shardings(
+      mesh, jax.eval_shape(init, jax.random.PRNGKey(SEED)), rule_list)
   step = train_step.make_train_step(
       model, tx, mesh, shardings, topk=topk, local_view_indexing=local_view_indexing,
       ema_decay=0.99 if stage == 3 else None, freeze_encoder=stage == 2,

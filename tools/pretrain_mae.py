@@ -46,12 +46,13 @@ import optax  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from mim_refiner_jax.data import mnist  # noqa: E402
+from mim_refiner_jax.data import multicrop  # noqa: E402
 from mim_refiner_jax.evaluation import knn  # noqa: E402
 from mim_refiner_jax.models import mae as mae_lib  # noqa: E402
 from mim_refiner_jax.models import vit  # noqa: E402
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+IMAGENET_MEAN = np.array(multicrop.IMAGENET_MEAN, np.float32)  # the refinement pipeline's
+IMAGENET_STD = np.array(multicrop.IMAGENET_STD, np.float32)
 DEFAULT_SIZE = dict(width=128, depth=6, num_heads=4)
 
 

@@ -112,12 +112,6 @@ def make_train_loader(source, transform_cfg: Any, global_batch_size: int, seed: 
   return iter(_finish(ds, worker_count, read_threads, read_buffer_size, worker_buffer_size))
 
 
-def steps_per_epoch(num_examples: int, global_batch_size: int, process_count: int = 1) -> float:
-  """Training batches per epoch of `num_examples` (fractional: batches straddle epochs)."""
-  shard_len = num_examples // process_count
-  return shard_len / (global_batch_size // process_count)
-
-
 class _PaddedShard:
   """This host's eval records, padded with zero records (mask False) to a fixed length."""
 
