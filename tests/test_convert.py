@@ -294,7 +294,7 @@ def test_wrong_shapes_and_missing_blocks_are_listed(tmp_path):
 def test_heads_need_an_override_for_unknown_widths():
   kw = dict(PRE, width=40, num_heads=5)
   sd = mapping.to_torch_state_dict(random_variables(kw), kw, "refined")
-  with pytest.raises(ValueError, match="cannot infer the number of attention heads"):
+  with pytest.raises(ValueError, match="cannot tell the number of attention heads.*--num-heads N.*model.num_heads=N"):
     mapping.from_torch_state_dict(sd)
   _, vit_kwargs, info = mapping.from_torch_state_dict(sd, num_heads=5)
   assert vit_kwargs == kw and info["size"].startswith("generic(width=40")

@@ -12,8 +12,9 @@ unwrapped in the reference order "state_dict", "model", "teacher", "target_encod
 architecture (family, width, depth, patch, grid) from the keys and shapes. Explicit overrides are
 checked against the file; a mismatch lists missing, unexpected and wrongly shaped keys.
 
-`save_torch` writes the refined `.th` layout (both families), a timm state dict (pre-norm only)
-or safetensors (refined naming + vit_kwargs metadata; chosen because it holds both families and is
+`save_torch` writes, without torch (torch_writer.py), the refined `.th` layout (both families), a
+timm state dict or the MAE {"model": ...} layout (pre-norm only), in fp32, fp16 or bf16, or
+safetensors (refined naming + vit_kwargs metadata; chosen because it holds both families and is
 what the official loader's strict `state_dict` expects). `save_flax` / `load_flax`: an Orbax
 checkpoint of {"params", "buffers"} plus `vit_kwargs.json`, which the trainer starts from.
 """
@@ -22,10 +23,12 @@ import dataclasses
 import json
 import os
 
+import ml_dtypes
 import numpy as np
 
 from mim_refiner_jax.convert import mapping
 from mim_refiner_jax.convert import torch_files
+from mim_refiner_jax.convert import torch_writer
 
 UNWRAP_ORDER = ("state_dict", "model", "teacher", "target_encoder")  # section 3.4 rule 1
 FLAX_KWARGS_FILE = "vit_kwargs.json"
@@ -84,6 +87,18 @@ def _format_name(kind: str, containers: list, naming: str) -> str:
   return f"{'/'.join(containers) or 'flat'}:{naming}"
 
 
+def fairseq_model_kwargs(cfg) -> dict | None:
+  """Head count and patch size from a fairseq cfg (data2vec 2.0: cfg.model.num_heads,
+  cfg.model.modalities.image.patch_size); None when cfg has no model section."""
+  model = cfg.get("model") if isinstance(cfg, dict) else None
+  if not isinstance(model, dict):
+    return None
+  image = (model.get("modalities") or {}).get("image") if isinstance(
+      model.get("modalities"), dict) else None
+  patch = (image or {}).get("patch_size", model.get("patch_size"))
+  return {"num_heads": model.get("num_heads"), "patch_size": patch}
+
+
 def load_pretrained(path, *, family=None, size=None, patch_size=None, prenorm=None,
                     num_heads=None) -> Pretrained:
   """Reads and converts any supported checkpoint (see module docstring).
@@ -109,8 +124,8 @@ def load_pretrained(path, *, family=None, size=None, patch_size=None, prenorm=No
   elif isinstance(top.get("ctor_kwargs"), dict):  # refined / internal .th (section 3.5)
     file_kwargs = top["ctor_kwargs"]
     hint = any(word in str(file_kwargs.get("kind", "")) for word in ("data2vec2", "postnorm"))
-  elif isinstance(top.get("cfg"), dict) and isinstance(top["cfg"].get("model"), dict):
-    file_kwargs = top["cfg"]["model"]  # fairseq: cfg.model.num_heads (data2vec 2.0)
+  elif top.get("cfg") is not None:  # fairseq: a dict or a recorded omegaconf DictConfig
+    file_kwargs = fairseq_model_kwargs(torch_files.config_to_python(top["cfg"]))
   try:
     variables, vit_kwargs, info = mapping.from_torch_state_dict(
         sd, family=family, size=size, patch_size=patch_size, prenorm=prenorm, num_heads=num_heads,
@@ -126,30 +141,42 @@ def load_pretrained(path, *, family=None, size=None, patch_size=None, prenorm=No
 
 
 # --------------------------------------------------------------------- torch / safetensors out
-def save_torch(path, variables, vit_kwargs: dict, layout: str = "refined") -> None:
-  """Writes `variables` as a PyTorch file.
+TORCH_LAYOUTS = ("refined", "timm", "mae", "safetensors")
+TORCH_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 
-  layout "refined": torch.save({"state_dict", "ctor_kwargs"}) in the official .th naming, for both
-    families (loads strictly into hub `PrenormVit` / `PostnormVit`, kappamodules blocks);
-  "timm": torch.save(flat timm VisionTransformer(num_classes=0) state dict), pre-norm only;
-  "safetensors": refined naming, written with safetensors.numpy (no torch needed); the metadata
-    holds {"format": "mim_refiner_jax", "layout": "refined", "vit_kwargs": JSON}.
+
+def save_torch(path, variables, vit_kwargs: dict, layout: str = "refined",
+               dtype: str = "float32") -> None:
+  """Writes `variables` as a PyTorch file, without torch (torch_writer.py).
+
+  layout "refined": {"state_dict", "ctor_kwargs"} in the official .th naming, for both families
+    (loads strictly into hub `PrenormVit` / `PostnormVit`, kappamodules blocks);
+  "timm": a flat timm VisionTransformer(num_classes=0) state dict, pre-norm only (MAWS layout);
+  "mae": {"model": the timm state dict}, as facebookresearch/mae releases (section 3.1);
+  "safetensors": refined naming, written with safetensors.numpy; the metadata holds
+    {"format": "mim_refiner_jax", "layout": "refined", "vit_kwargs": JSON}.
+  dtype: float32, float16 or bfloat16 (round to nearest even, as torch's `.half()/.bfloat16()`).
+  A timm/mae file records no head count: reading it back needs a known width or num_heads.
   """
   path = os.fspath(path)
+  if layout not in TORCH_LAYOUTS:
+    raise ValueError(f"unknown layout {layout!r}; use one of {TORCH_LAYOUTS}")
+  if dtype not in TORCH_DTYPES:
+    raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(TORCH_DTYPES)}")
   vit_kwargs = mapping.normalize_vit_kwargs(vit_kwargs)
-  sd = mapping.to_torch_state_dict(variables, vit_kwargs, layout)
+  sd = mapping.to_torch_state_dict(variables, vit_kwargs, "timm" if layout == "mae" else layout)
+  sd = {k: v.astype(TORCH_DTYPES[dtype], copy=False) for k, v in sd.items()}
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   if layout == "safetensors":
     from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
     save_file(sd, path, metadata={"format": "mim_refiner_jax", "layout": "refined",
                                   "vit_kwargs": json.dumps(vit_kwargs)})
-    return
-  import torch  # pylint: disable=g-import-not-at-top
-  tensors = {k: torch.from_numpy(np.require(v, np.float32, ["C", "W"])) for k, v in sd.items()}
-  if layout == "refined":
-    torch.save({"state_dict": tensors, "ctor_kwargs": mapping.ctor_kwargs(vit_kwargs)}, path)
+  elif layout == "refined":
+    torch_writer.save({"state_dict": sd, "ctor_kwargs": mapping.ctor_kwargs(vit_kwargs)}, path)
+  elif layout == "mae":
+    torch_writer.save({"model": sd}, path)
   else:
-    torch.save(tensors, path)
+    torch_writer.save(sd, path)
 
 
 # ----------------------------------------------------------------------------- flax (Orbax) in/out

@@ -231,24 +231,45 @@ def pos_table_to_grid(pos, cls_token, name: str = "pos_embed"):
 
 
 # ----------------------------------------------------------------------------- torch -> flax
+HEADS_FIX = ("pass --num-heads N (tools/convert_weights.py, tools/knn_eval.py), "
+             "--config.model.num_heads=N (trainer) or num_heads=N (load_pretrained)")
+
+
+def recorded_heads(ctor_kwargs) -> tuple[int | None, str]:
+  """The head count a file records: `num_heads` (ours, hub, fairseq cfg.model) or
+  `num_attn_heads` (the reference trainer's ctor_kwargs, refiner_facts.md section 3.5)."""
+  for key in ("num_heads", "num_attn_heads"):
+    value = (ctor_kwargs or {}).get(key)
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0:
+      return int(value), key
+  return None, ""
+
+
 def _infer_num_heads(width, depth, size, num_heads, ctor_kwargs):
   """Heads cannot be read from shapes: override, file kwargs, or a known size (section 1.4)."""
-  if num_heads:
-    return int(num_heads), "override"
+  recorded, key = recorded_heads(ctor_kwargs)
+  wanted, how = (int(num_heads), f"num_heads={num_heads} (override)") if num_heads else (None, "")
   if size:
     if size not in SIZES:
       raise ValueError(f"unknown size {size!r}; known: {sorted(SIZES)} (or pass num_heads)")
-    return SIZES[size]["num_heads"], "size"
-  if ctor_kwargs and ctor_kwargs.get("num_heads"):
-    return int(ctor_kwargs["num_heads"]), "file"
+    if wanted is None:
+      wanted, how = SIZES[size]["num_heads"], f"size={size!r} ({SIZES[size]['num_heads']} heads)"
+  if wanted is not None and recorded is not None and wanted != recorded:
+    raise ValueError(f"{how} contradicts the file, which records {key}={recorded}: drop the "
+                     f"override or set it to {recorded}")
+  if wanted is not None:
+    return wanted, "override" if num_heads else "size"
+  if recorded is not None:
+    return recorded, "file"
   for spec in SIZES.values():
     if spec["width"] == width and spec["depth"] == depth:
       return spec["num_heads"], "known size"
   for spec in SIZES.values():
     if spec["width"] == width:
       return spec["num_heads"], f"known width {width}"
-  raise ValueError(f"cannot infer the number of attention heads of a ViT of width {width} and "
-                   f"depth {depth} from its weights: pass size=... ({sorted(SIZES)}) or num_heads")
+  raise ValueError(f"cannot tell the number of attention heads of this ViT (width {width}, depth "
+                   f"{depth}): the file does not record it (timm/MAE state dicts never do) and "
+                   f"width {width} is not a known size ({sorted(SIZES)}); {HEADS_FIX}")
 
 
 def size_name(vit_kwargs: dict) -> str:
@@ -312,6 +333,10 @@ def from_torch_state_dict(state_dict: dict, *, family=None, size=None, patch_siz
                      f"grid {gh}x{gw})")
   if patch_size is not None and int(patch_size) != p:
     raise ValueError(f"patch_size={patch_size} but the file's patch embedding has patch size {p}")
+  recorded_patch = (ctor_kwargs or {}).get("patch_size")
+  if isinstance(recorded_patch, (int, np.integer)) and recorded_patch != p:
+    raise ValueError(f"the file records patch_size={recorded_patch} but its patch embedding has "
+                     f"patch size {p} (corrupt or edited file?)")
   blocks = {int(m.group(1)) for k in sd for m in [re.match(r"blocks\.(\d+)\.", k)] if m}
   depth = max(blocks) + 1 if blocks else 0
   fc1 = sd.get("blocks.0.mlp.fc1.weight")

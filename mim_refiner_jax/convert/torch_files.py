@@ -11,10 +11,16 @@ How it stays safe: a `pickle.Unpickler` whose `find_class` hands out only
     `torch.nn.Parameter` and dtypes;
   * a few harmless builtins: `collections.OrderedDict`, `set`, `frozenset`, `slice`, `complex`,
     `bytearray`, and `_codecs.encode` restricted to latin-1 (how protocol 2 pickles `bytes`);
+  * `collections.defaultdict` only with a plain container/number type (or no) factory, as
+    omegaconf's resolver caches hold `defaultdict(dict)`; any other factory is refused;
+  * `builtins.getattr` only on a stub (how protocol 2 pickles enum members, `Class.member`); it
+    gives another stub;
   * `ConfigStub` classes for known configuration objects in fairseq checkpoints
-    (`argparse.Namespace`, `omegaconf.*`, `fairseq.*`, numpy scalars, `typing.Any`): a stub
-    records the arguments and state it is given and never calls anything, so such entries load
-    as inert records (calling a marker such as `torch.device("cpu")` also gives a stub).
+    (`argparse.Namespace`, `omegaconf.*` nodes and metadata, `fairseq.*` dataclasses and enums,
+    `enum.*`, `typing.*`, numpy scalars and arrays): a stub records the arguments and state it is
+    given and never calls anything, so such entries load as inert records (calling a marker such
+    as `torch.device("cpu")` also gives a stub). `config_to_python` turns the recorded state of
+    an omegaconf `DictConfig` / `argparse.Namespace` back into plain dicts (fairseq's `cfg.model`).
   * the plain builtin types int, float, str, bool, dict, list, tuple (omegaconf records name
     them as key/element types; calling them only builds plain values).
 Every other global is refused with `UnsafePickleError` before anything runs, e.g.
@@ -36,6 +42,7 @@ import pickle
 import struct
 import weakref
 import zipfile
+import zlib
 
 import ml_dtypes
 import numpy as np
@@ -153,12 +160,20 @@ class ConfigStub:
   hold what the pickle passed. Weights found inside a stub are not used.
   """
   global_name = "?"
+  # Class-level defaults: protocol 2 creates objects with cls.__new__ (NEWOBJ), skipping __init__.
+  args, kwargs, state = (), {}, None
 
   def __init__(self, *args, **kwargs):
-    self.args, self.kwargs, self.state, self.items = args, kwargs, None, []
+    self.args, self.kwargs = args, kwargs
 
   def __setstate__(self, state):
     self.state = state
+
+  @property
+  def items(self) -> list:
+    if "_items" not in self.__dict__:
+      self.__dict__["_items"] = []
+    return self.__dict__["_items"]
 
   def __setitem__(self, key, value):
     self.items.append((key, value))
@@ -177,11 +192,47 @@ def _stub_class(name: str) -> type:
   return type("ConfigStub", (ConfigStub,), {"global_name": name, "__module__": __name__})
 
 
-# Globals recorded as inert stubs: configuration objects of fairseq / hydra checkpoints.
-_STUB_PREFIXES = ("argparse.Namespace", "omegaconf.", "fairseq.", "typing.Any",
+def config_to_python(obj, _depth=0):
+  """Plain dicts/lists/values from recorded configuration stubs (nothing is called).
+
+  omegaconf `DictConfig` / `ListConfig` keep their children in state["_content"], value nodes
+  (AnyNode, IntegerNode, EnumNode, ...) their value in state["_val"]; `argparse.Namespace` its
+  attributes as state; an enum member recorded as `Enum(value)` gives its value, one recorded as
+  `getattr(Enum, name)` its name. Other stubs (numpy scalars, ...) are returned as they are.
+  """
+  if _depth > 100:
+    raise CheckpointFormatError("configuration nested deeper than 100 levels")
+  recurse = lambda v: config_to_python(v, _depth + 1)  # pylint: disable=unnecessary-lambda-assignment
+  if isinstance(obj, type) and issubclass(obj, ConfigStub):  # getattr(Enum, "member")
+    return obj.global_name.rsplit(".", 1)[-1]
+  if isinstance(obj, ConfigStub):
+    state = obj.state
+    if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict):
+      state = {**(state[0] or {}), **state[1]}  # (__dict__, __slots__) state
+    if isinstance(state, dict) and "_content" in state:
+      return recurse(state["_content"])
+    if isinstance(state, dict) and "_val" in state:
+      return recurse(state["_val"])
+    if obj.global_name == "argparse.Namespace" and isinstance(state, dict):
+      return recurse(state)
+    if not obj.global_name.startswith(("omegaconf.", "numpy.", "typing.")) and obj.state is None \
+        and len(obj.args) == 1 and not obj.kwargs:
+      return recurse(obj.args[0])  # an enum member pickled as Enum(value)
+    return obj
+  if isinstance(obj, dict):
+    return {k: recurse(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return type(obj)(recurse(v) for v in obj)
+  return obj
+
+
+# Globals recorded as inert stubs: configuration objects of fairseq / hydra checkpoints (real
+# data2vec 2.0 files: argparse args, omegaconf cfg with Metadata/ContainerMetadata/nodes, enum
+# members, typing.Any/Dict/List as omegaconf key/element types, numpy values in extra_state).
+_STUB_PREFIXES = ("argparse.Namespace", "omegaconf.", "fairseq.", "typing.", "enum.",
                   "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar", "numpy.dtype",
                   "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",
-                  "numpy.ndarray", "enum.Enum")
+                  "numpy.ndarray")
 
 _STORAGE_DTYPES = {
     "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
@@ -227,6 +278,25 @@ def _rebuild_from_type_v2(func, new_type, args, state):
   return func(*args)
 
 
+# Factories a defaultdict may carry: plain constructors that run no code of the file's choosing.
+_SAFE_FACTORIES = (None, dict, list, set, tuple, int, float, str, collections.OrderedDict)
+
+
+def _defaultdict(factory=None, *unused):
+  if not any(factory is f for f in _SAFE_FACTORIES):
+    raise UnsafePickleError(f"collections.defaultdict with factory {factory!r} is not a plain "
+                            f"container default")
+  return collections.defaultdict(factory)
+
+
+def _stub_getattr(owner, name):
+  """Protocol 2 pickles `Enum.member` (a nested name) as getattr(Enum, "member")."""
+  if not (isinstance(owner, type) and issubclass(owner, ConfigStub)) or not isinstance(name, str):
+    raise UnsafePickleError(f"builtins.getattr on {owner!r} is only read for configuration "
+                            f"records (enum members)")
+  return _stub_class(f"{owner.global_name}.{name}")
+
+
 def _codecs_encode(text, encoding="utf-8"):
   if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
     raise UnsafePickleError(f"_codecs.encode with encoding {encoding!r} is not used for bytes")
@@ -249,6 +319,8 @@ _ALLOWED = {
     "builtins.dict": dict, "builtins.list": list, "builtins.tuple": tuple,
     "_codecs.encode": _codecs_encode,
     "torch.Size": tuple,
+    "collections.defaultdict": _defaultdict,
+    "builtins.getattr": _stub_getattr,
 }
 for _name in _STORAGE_DTYPES:
   _ALLOWED[f"torch.{_name}"] = _StorageType(_name)
@@ -259,6 +331,7 @@ for _name in ("torch.Tensor", "torch.nn.parameter.Parameter", "torch.device", "t
   _ALLOWED.setdefault(_name, _TorchMarker(_name))
 
 _PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
+_PY2_NAMES = {"builtins.long": "builtins.int", "builtins.unicode": "builtins.str"}  # protocol 2
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -270,6 +343,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
   def find_class(self, module, name):
     full = f"{_PY2_MODULES.get(module, module)}.{name}"
+    full = _PY2_NAMES.get(full, full)
     if full in _ALLOWED:
       return _ALLOWED[full]
     if full.startswith(_STUB_PREFIXES):
@@ -301,7 +375,21 @@ def _zip_member_offset(f, info: zipfile.ZipInfo) -> int:
   return info.header_offset + 30 + name_len + extra_len
 
 
+def _damaged(path: str, err: Exception) -> CheckpointFormatError:
+  return CheckpointFormatError(
+      f"{path} is damaged or truncated ({type(err).__name__}: {err}); copy or download it again")
+
+
 def _load_zip(path: str):
+  try:
+    return _load_zip_unchecked(path)
+  except (UnsafePickleError, CheckpointFormatError):
+    raise
+  except (zipfile.BadZipFile, zlib.error, EOFError, pickle.UnpicklingError, struct.error) as e:
+    raise _damaged(path, e) from None
+
+
+def _load_zip_unchecked(path: str):
   with zipfile.ZipFile(path) as zf:
     names = zf.namelist()
     pkls = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
@@ -370,6 +458,15 @@ _LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
 
 
 def _load_legacy(path: str):
+  try:
+    return _load_legacy_unchecked(path)
+  except (UnsafePickleError, CheckpointFormatError):
+    raise
+  except (EOFError, pickle.UnpicklingError, struct.error) as e:
+    raise _damaged(path, e) from None
+
+
+def _load_legacy_unchecked(path: str):
   """torch's pre-1.6 format: magic, protocol, sys_info, the object, storage keys, raw storages."""
   with open(path, "rb") as f:
 
