@@ -22,7 +22,7 @@ def pytest_configure(config):
   from absl import flags  # pylint: disable=g-import-not-at-top
   if not flags.FLAGS.is_parsed():
     flags.FLAGS(["pytest"], known_only=True)
-  from mim_refiner_jax.torchvision_compat import ensure_torchvision_importable  # noqa: E402
+  from tests.torchvision_compat import ensure_torchvision_importable  # noqa: E402
   ensure_torchvision_importable()
 
 

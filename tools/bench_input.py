@@ -54,6 +54,27 @@ def write_jpeg_folder(root, num_files, num_classes=10, seed=0):
     img.crop((left, top, left + w, top + h)).save(os.path.join(folder, f"{i:05d}.jpg"), quality=90)
 
 
+_TORCHVISION_OPS = None  # must stay referenced, or torch drops the op definitions
+
+
+def _make_torchvision_importable() -> None:
+  """torchvision 0.28.0 from PyPI is a CUDA build whose compiled ops do not load next to the CPU
+  torch 2.13.0 wheel (`operator torchvision::nms does not exist`); declaring the two op schemas
+  its meta registrations need makes the pure-Python transforms importable
+  (../shared/ENGINEERING.md; the tests use the same shim, tests/torchvision_compat.py)."""
+  global _TORCHVISION_OPS
+  import torch
+  try:
+    torch.ops.torchvision.nms  # pylint: disable=pointless-statement
+    return  # a working torchvision build
+  except (AttributeError, RuntimeError):
+    pass
+  if _TORCHVISION_OPS is None:
+    _TORCHVISION_OPS = torch.library.Library("torchvision", "DEF")
+    for op in ("nms", "qnms"):
+      _TORCHVISION_OPS.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+
+
 # ----------------------------------------------------------------------------------------------
 # The torchvision recipe (module level: the DataLoader's workers pickle it).
 # ----------------------------------------------------------------------------------------------
@@ -134,8 +155,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   from absl import flags
   flags.FLAGS(sys.argv[:1], known_only=True)  # Grain's worker processes read absl flags
-  from mim_refiner_jax.torchvision_compat import ensure_torchvision_importable
-  ensure_torchvision_importable()
+  _make_torchvision_importable()
   import torch
   import torchvision
 

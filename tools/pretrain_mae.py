@@ -177,15 +177,10 @@ def save_encoder(directory: str, variables, vit_kwargs: dict, torch_out: str = "
   (pass num_heads=... there for widths it does not know).
   """
   from mim_refiner_jax.convert import checkpoints  # pylint: disable=g-import-not-at-top
-  from mim_refiner_jax.convert import mapping  # pylint: disable=g-import-not-at-top
   variables = jax.tree.map(np.asarray, variables)
   checkpoints.save_flax(directory, variables, vit_kwargs)
-  if torch_out:
-    import torch  # pylint: disable=g-import-not-at-top
-    state_dict = mapping.to_torch_state_dict(variables, vit_kwargs, "timm")
-    tensors = {k: torch.from_numpy(np.array(v, np.float32)) for k, v in state_dict.items()}
-    os.makedirs(os.path.dirname(os.path.abspath(torch_out)), exist_ok=True)
-    torch.save({"model": tensors}, torch_out)
+  if torch_out:  # written without torch (convert/torch_writer.py)
+    checkpoints.save_torch(torch_out, variables, vit_kwargs, layout="mae")
 
 
 # ----------------------------------------------------------------------------- training
