@@ -25,8 +25,10 @@ def refinement_config(*, stage: int, vit_size: str, patch_size: int, prenorm: bo
   c.stage = stage
 
   # Encoder (section 1). compute_dtype bfloat16 matches the reference's bf16 autocast (1.5).
+  # num_heads: 0 = from the file or the size table; set it for a timm/MAE file whose width is
+  # not a known size (such files do not record their head count).
   c.model = dict(size=vit_size, patch_size=patch_size, prenorm=prenorm, image_size=224,
-                 compute_dtype="bfloat16", remat=remat)
+                 compute_dtype="bfloat16", remat=remat, num_heads=0)
   # Stage 2 starts from converted pre-trained weights (any format tools/convert_weights.py reads);
   # stage 3 from the last checkpoint of a stage-2 workdir: encoder, heads, BN stats and queues.
   c.init = dict(pretrained=pretrained if stage == 2 else "",

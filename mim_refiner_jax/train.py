@@ -137,6 +137,9 @@ def check_architecture(config, vit_kwargs: dict, where: str):
   if m.patch_size and m.patch_size != vit_kwargs["patch_size"]:
     raise ValueError(f"config.model.patch_size={m.patch_size} but {where} has patch size "
                      f"{vit_kwargs['patch_size']}")
+  if m.get("num_heads") and m.num_heads != vit_kwargs["num_heads"]:
+    raise ValueError(f"config.model.num_heads={m.num_heads} but {where} has "
+                     f"{vit_kwargs['num_heads']} heads")
   if m.prenorm != vit_kwargs["prenorm"]:
     raise ValueError(f"config.model.prenorm={m.prenorm} but {where} holds a "
                      f"{'pre' if vit_kwargs['prenorm'] else 'post'}-norm model")
@@ -288,7 +291,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_after: int | Non
   if resume_step is not None:
     vit_kwargs = read_run_info(workdir)["vit_kwargs"]
   elif stage2 or not config.init.stage2_workdir:
-    pretrained = convert_lib.load_pretrained(config.init.pretrained)
+    # model.num_heads: the head count of a timm/MAE file of a width not in the size table.
+    pretrained = convert_lib.load_pretrained(config.init.pretrained,
+                                             num_heads=config.model.get("num_heads") or None)
     vit_kwargs = pretrained.vit_kwargs
   else:
     s2_state, vit_kwargs = load_stage2_state(config, mesh, rules, key)

@@ -2,16 +2,22 @@
 
   python tools/convert_weights.py --input weights/mae_large16.pth --output weights/mae_l16 --to flax
   python tools/convert_weights.py --input weights/data2vec2_large16.pt --output d2v2.th --to refined
-  python tools/convert_weights.py --input workdirs/demo/mae --output mae_demo.pth --to timm
+  python tools/convert_weights.py --input workdirs/demo/mae --output mae_demo.pth --to mae
+  python tools/convert_weights.py --input mae_demo.pth --output mae_demo_bf16.pth --to timm \
+      --dtype bfloat16 --num-heads 3
 
 Input: any format `convert.checkpoints.load_pretrained` reads (MAE .pth, MAWS/timm .pt,
 data2vec 2.0 fairseq .pt, refined .th, .safetensors, a Flax checkpoint directory). PyTorch files
-are read without torch and without running pickled code. Output (`--to`):
+are read and written without torch and without running pickled code. Output (`--to`):
   flax         an Orbax checkpoint directory + vit_kwargs.json (what the trainer starts from)
-  refined      the official MIM-Refiner .th layout {"state_dict", "ctor_kwargs"} (needs torch)
-  timm         a flat timm VisionTransformer(num_classes=0) state dict (pre-norm only; needs torch)
-  safetensors  refined naming, vit_kwargs in the metadata (no torch needed)
-Prints the detected format, family, size, patch size and parameter count.
+  refined      the official MIM-Refiner .th layout {"state_dict", "ctor_kwargs"}
+  timm         a flat timm VisionTransformer(num_classes=0) state dict (pre-norm only)
+  mae          {"model": timm state dict}, the facebookresearch/mae layout (pre-norm only)
+  safetensors  refined naming, vit_kwargs in the metadata
+timm and mae files do not record the head count: reading one back needs a width from the size
+table or --num-heads. --dtype sets the PyTorch/safetensors tensors' dtype (float32 by default).
+Prints the detected format, family, size, patch size and parameter count. Mistakes (missing
+file, unknown format, overrides that contradict the file) print one error and exit 1.
 """
 
 import argparse
@@ -25,7 +31,7 @@ from mim_refiner_jax.convert import checkpoints  # noqa: E402
 from mim_refiner_jax.convert import mapping  # noqa: E402
 from mim_refiner_jax.convert import torch_files  # noqa: E402
 
-TARGETS = ("flax", "refined", "timm", "safetensors")
+TARGETS = ("flax",) + checkpoints.TORCH_LAYOUTS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -40,6 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--size", choices=sorted(mapping.SIZES), help="named ViT size (sets heads)")
   parser.add_argument("--patch-size", type=int, help="expected patch size (checked)")
   parser.add_argument("--num-heads", type=int, help="attention heads (not readable from weights)")
+  parser.add_argument("--dtype", default="float32", choices=sorted(checkpoints.TORCH_DTYPES),
+                      help="tensor dtype of PyTorch / safetensors outputs")
   return parser.parse_args(argv)
 
 
@@ -51,7 +59,7 @@ def main(argv=None) -> int:
   try:
     pre = checkpoints.load_pretrained(args.input, family=args.family, size=args.size,
                                       patch_size=args.patch_size, num_heads=args.num_heads)
-  except (ValueError, FileNotFoundError, torch_files.UnsafePickleError) as e:
+  except (ValueError, OSError, torch_files.UnsafePickleError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   info, kw = pre.info, pre.vit_kwargs
@@ -72,11 +80,11 @@ def main(argv=None) -> int:
     if args.to == "flax":
       checkpoints.save_flax(args.output, pre.variables, kw)
     else:
-      checkpoints.save_torch(args.output, pre.variables, kw, layout=args.to)
-  except (ValueError, FileExistsError) as e:
+      checkpoints.save_torch(args.output, pre.variables, kw, layout=args.to, dtype=args.dtype)
+  except (ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  print(f"wrote:       {args.output} ({args.to})")
+  print(f"wrote:       {args.output} ({args.to}{'' if args.to == 'flax' else ', ' + args.dtype})")
   return 0
 
 

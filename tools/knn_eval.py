@@ -72,10 +72,12 @@ def main(argv=None):
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                       help="encoder compute dtype (the paper's k-NN ran in bf16)")
   parser.add_argument("--json", default="", help="also write the results to this file")
+  parser.add_argument("--num-heads", type=int, default=None,
+                      help="attention heads, for timm/MAE files of a width not in the size table")
   args = parser.parse_args(argv)
 
   start = time.time()
-  pretrained = checkpoints.load_pretrained(args.checkpoint)
+  pretrained = checkpoints.load_pretrained(args.checkpoint, num_heads=args.num_heads)
   info = pretrained.info
   print(f"loaded {args.checkpoint}: format {info['format']}, {info['family']} "
         f"{info['size']}, patch {info['patch_size']}, {pretrained.num_params / 1e6:.1f}M params")

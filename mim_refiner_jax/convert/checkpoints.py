@@ -223,10 +223,22 @@ def load_flax(directory) -> Pretrained:
     raise FileNotFoundError(f"{directory} is not a Flax ViT checkpoint: no {FLAX_KWARGS_FILE} "
                             f"(write one with convert.checkpoints.save_flax or "
                             f"tools/convert_weights.py --to flax)")
-  with open(meta_file) as f:
-    vit_kwargs = json.load(f)["vit_kwargs"]
-  with ocp.StandardCheckpointer() as checkpointer:
-    tree = checkpointer.restore(os.path.join(directory, FLAX_ARRAYS_DIR))
+  fix = "re-create it (tools/convert_weights.py --to flax) or copy it again"
+  try:
+    with open(meta_file) as f:
+      vit_kwargs = json.load(f)["vit_kwargs"]
+  except (ValueError, KeyError, TypeError) as e:
+    raise torch_files.CheckpointFormatError(
+        f"{meta_file} is damaged ({type(e).__name__}: {e}); {fix}") from None
+  arrays_dir = os.path.join(directory, FLAX_ARRAYS_DIR)
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      tree = checkpointer.restore(arrays_dir)
+  except (ValueError, OSError, KeyError) as e:  # TensorStore/OCDBT errors are ValueErrors
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise torch_files.CheckpointFormatError(
+        f"{arrays_dir}: the Flax checkpoint's arrays cannot be read, the directory is damaged or "
+        f"incomplete ({first[:300]}); {fix}") from None
   variables = {"params": _to_numpy(tree["params"]), "buffers": _to_numpy(tree["buffers"])}
   mapping.check_variables(variables, vit_kwargs)
   info = dict(format="flax", family="prenorm" if vit_kwargs["prenorm"] else "postnorm",
