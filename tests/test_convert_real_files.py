@@ -6,8 +6,9 @@
   numpy values in `extra_state` and fp16 weights. The dataclasses live in stand-in `fairseq.*`
   modules so the pickle names them as a real file does; the reader must not need them.
 * Official reference training checkpoints: ctor_kwargs spell `num_attn_heads` (refiner_facts 3.5).
-* Widths outside the size table: the head count from the file, or `num_heads` / the trainer's
-  `model.num_heads`; contradictions are errors naming both values.
+* Widths outside the size table: the head count from the file (our own timm / MAE exports carry
+  it in an extra zip record), or `num_heads` / the trainer's `model.num_heads`; contradictions are
+  errors naming both values.
 * Truncated torch files and damaged Flax checkpoints: one error naming the file, in the API and
   in tools/convert_weights.py (exit 1, no traceback).
 """
@@ -234,15 +235,22 @@ def test_official_training_checkpoint_num_attn_heads(tmp_path):
     checkpoints.load_pretrained(tmp_path / "bad.th")
 
 
-def test_own_timm_export_of_unknown_width_needs_and_takes_num_heads(tmp_path):
+@pytest.mark.parametrize("layout", ["timm", "mae"])
+def test_own_timm_export_of_unknown_width_reads_back(tmp_path, layout):
   pre = checkpoints.load_pretrained(_write_refined(tmp_path, prenorm=True))
-  checkpoints.save_torch(tmp_path / "w.pth", pre.variables, pre.vit_kwargs, layout="timm")
+  checkpoints.save_torch(tmp_path / "w.pth", pre.variables, pre.vit_kwargs, layout=layout)
+  back = checkpoints.load_pretrained(tmp_path / "w.pth")  # heads from our extra zip record
+  assert back.vit_kwargs == pre.vit_kwargs and back.info["num_heads_from"] == "file"
+  with pytest.raises(ValueError, match="contradicts the file, which records num_heads=3"):
+    checkpoints.load_pretrained(tmp_path / "w.pth", num_heads=4)
+  # Re-saved by torch, the state dict has no place for the head count: the error says how.
+  torch.save(torch.load(tmp_path / "w.pth", weights_only=True), tmp_path / "resaved.pth")
   with pytest.raises(ValueError, match=r"cannot tell the number of attention heads.*width 48.*"
                      r"--num-heads N.*--config.model.num_heads=N"):
-    checkpoints.load_pretrained(tmp_path / "w.pth")
-  back = checkpoints.load_pretrained(tmp_path / "w.pth", num_heads=HEADS)
-  assert back.vit_kwargs == pre.vit_kwargs
-  for a, b in zip(jax.tree.leaves(back.variables), jax.tree.leaves(pre.variables)):
+    checkpoints.load_pretrained(tmp_path / "resaved.pth")
+  again = checkpoints.load_pretrained(tmp_path / "resaved.pth", num_heads=HEADS)
+  assert again.vit_kwargs == pre.vit_kwargs
+  for a, b in zip(jax.tree.leaves(again.variables), jax.tree.leaves(pre.variables)):
     np.testing.assert_array_equal(a, b)
 
 
@@ -258,7 +266,9 @@ def test_trainer_passes_model_num_heads(tmp_path, monkeypatch):
   from mim_refiner_jax import train as train_lib  # pylint: disable=g-import-not-at-top
   from tests import tiny_config  # pylint: disable=g-import-not-at-top
   pre = checkpoints.load_pretrained(_write_refined(tmp_path, prenorm=True))
-  checkpoints.save_torch(tmp_path / "mae.pth", pre.variables, pre.vit_kwargs, layout="mae")
+  checkpoints.save_torch(tmp_path / "ours.pth", pre.variables, pre.vit_kwargs, layout="mae")
+  # As torch re-saves it: no record of the head count left.
+  torch.save(torch.load(tmp_path / "ours.pth", weights_only=True), tmp_path / "mae.pth")
   seen = []
 
   class Reached(Exception):

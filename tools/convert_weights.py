@@ -14,8 +14,8 @@ are read and written without torch and without running pickled code. Output (`--
   timm         a flat timm VisionTransformer(num_classes=0) state dict (pre-norm only)
   mae          {"model": timm state dict}, the facebookresearch/mae layout (pre-norm only)
   safetensors  refined naming, vit_kwargs in the metadata
-timm and mae files do not record the head count: reading one back needs a width from the size
-table or --num-heads. --dtype sets the PyTorch/safetensors tensors' dtype (float32 by default).
+timm and mae state dicts have no place for the head count; the files written here carry it in an
+extra zip record (torch ignores it), other such files need a known width or --num-heads. --dtype sets the PyTorch/safetensors tensors' dtype (float32 by default).
 Prints the detected format, family, size, patch size and parameter count. Mistakes (missing
 file, unknown format, overrides that contradict the file) print one error and exit 1.
 """

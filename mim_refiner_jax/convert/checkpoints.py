@@ -31,6 +31,9 @@ from mim_refiner_jax.convert import torch_files
 from mim_refiner_jax.convert import torch_writer
 
 UNWRAP_ORDER = ("state_dict", "model", "teacher", "target_encoder")  # section 3.4 rule 1
+# Our torch files carry vit_kwargs in this extra zip record (torch ignores it): timm / MAE state
+# dicts have no place for the head count.
+TORCH_RECORD = "mim_refiner_jax.json"
 FLAX_KWARGS_FILE = "vit_kwargs.json"
 FLAX_ARRAYS_DIR = "variables"
 
@@ -126,6 +129,12 @@ def load_pretrained(path, *, family=None, size=None, patch_size=None, prenorm=No
     hint = any(word in str(file_kwargs.get("kind", "")) for word in ("data2vec2", "postnorm"))
   elif top.get("cfg") is not None:  # fairseq: a dict or a recorded omegaconf DictConfig
     file_kwargs = fairseq_model_kwargs(torch_files.config_to_python(top["cfg"]))
+  if file_kwargs is None and kind == "torch-zip":  # written by save_torch
+    record = torch_files.zip_record(path, TORCH_RECORD)
+    try:
+      file_kwargs = json.loads(record)["vit_kwargs"] if record else None
+    except (ValueError, KeyError, TypeError):
+      raise torch_files.CheckpointFormatError(f"{path}: damaged {TORCH_RECORD} record") from None
   try:
     variables, vit_kwargs, info = mapping.from_torch_state_dict(
         sd, family=family, size=size, patch_size=patch_size, prenorm=prenorm, num_heads=num_heads,
@@ -156,7 +165,9 @@ def save_torch(path, variables, vit_kwargs: dict, layout: str = "refined",
   "safetensors": refined naming, written with safetensors.numpy; the metadata holds
     {"format": "mim_refiner_jax", "layout": "refined", "vit_kwargs": JSON}.
   dtype: float32, float16 or bfloat16 (round to nearest even, as torch's `.half()/.bfloat16()`).
-  A timm/mae file records no head count: reading it back needs a known width or num_heads.
+  The torch layouts also carry vit_kwargs in an extra zip record (TORCH_RECORD; torch ignores
+  it), so load_pretrained reads our timm / MAE files back without num_heads; a timm state dict
+  itself has no place for the head count.
   """
   path = os.fspath(path)
   if layout not in TORCH_LAYOUTS:
@@ -171,12 +182,14 @@ def save_torch(path, variables, vit_kwargs: dict, layout: str = "refined",
     from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
     save_file(sd, path, metadata={"format": "mim_refiner_jax", "layout": "refined",
                                   "vit_kwargs": json.dumps(vit_kwargs)})
-  elif layout == "refined":
-    torch_writer.save({"state_dict": sd, "ctor_kwargs": mapping.ctor_kwargs(vit_kwargs)}, path)
-  elif layout == "mae":
-    torch_writer.save({"model": sd}, path)
+    return
+  record = {TORCH_RECORD: json.dumps({"format": "mim_refiner_jax", "layout": layout,
+                                      "vit_kwargs": vit_kwargs}).encode()}
+  if layout == "refined":
+    obj = {"state_dict": sd, "ctor_kwargs": mapping.ctor_kwargs(vit_kwargs)}
   else:
-    torch_writer.save(sd, path)
+    obj = {"model": sd} if layout == "mae" else sd
+  torch_writer.save(obj, path, extra_records=record)
 
 
 # ----------------------------------------------------------------------------- flax (Orbax) in/out

@@ -375,6 +375,18 @@ def _zip_member_offset(f, info: zipfile.ZipInfo) -> int:
   return info.header_offset + 30 + name_len + extra_len
 
 
+def zip_record(path: str, name: str) -> bytes | None:
+  """The bytes of record `<archive>/<name>` of a torch zip file, None when it has none."""
+  try:
+    with zipfile.ZipFile(path) as zf:
+      for member in zf.namelist():
+        if member.count("/") == name.count("/") + 1 and member.endswith("/" + name):
+          return zf.read(member)
+  except (zipfile.BadZipFile, zlib.error, OSError) as e:
+    raise _damaged(path, e) from None
+  return None
+
+
 def _damaged(path: str, err: Exception) -> CheckpointFormatError:
   return CheckpointFormatError(
       f"{path} is damaged or truncated ({type(err).__name__}: {err}); copy or download it again")

@@ -13,6 +13,9 @@ format (the default since torch 1.6) directly:
                                    file (as torch aligns them, so `torch.load(mmap=True)` works)
   archive/version                  "3"
   archive/.data/serialization_id
+  archive/<name>                   optional extra records (`extra_records`); torch ignores them,
+                                   our reader finds them (`torch_files.zip_record`): a timm state
+                                   dict cannot hold the head count, this record can.
 
 Only the globals above appear in the pickle (exactly what torch's weights-only unpickler and our
 reader in torch_files.py accept). Values: numpy arrays (float32/16, bfloat16 via ml_dtypes,
@@ -139,8 +142,10 @@ def _write_record(zf: zipfile.ZipFile, name: str, data, nbytes: int) -> None:
       out.write(view[start:start + _CHUNK])
 
 
-def save(obj, path) -> None:
+def save(obj, path, extra_records: dict[str, bytes] | None = None) -> None:
   """Writes `obj` as `torch.save(obj, path)` would (numpy arrays become CPU tensors).
+
+  extra_records: {name: bytes} written as archive/<name> next to the pickle.
 
   Written to `path + ".tmp"` first and renamed, so an interrupted write leaves no partial file.
   """
@@ -158,6 +163,10 @@ def save(obj, path) -> None:
       for storage in storages:
         raw = storage.array.reshape(-1).view(np.uint8)
         _write_record(zf, f"data/{storage.key}", raw, raw.nbytes)
+      for name, data in (extra_records or {}).items():
+        if name in ("data.pkl", "version", "byteorder") or name.startswith(("data/", ".")):
+          raise ValueError(f"extra record name {name!r} is one of torch's own")
+        _write_record(zf, name, data, len(data))
       serialization_id = "".join(str(secrets.randbelow(10)) for _ in range(40)).encode()
       for name, text in (("version", b"3\n"), (".data/serialization_id", serialization_id)):
         _write_record(zf, name, text, len(text))
