@@ -26,7 +26,7 @@ def refinement_config(*, stage: int, vit_size: str, patch_size: int, prenorm: bo
 
   # Encoder (section 1). compute_dtype bfloat16 matches the reference's bf16 autocast (1.5).
   # num_heads: 0 = from the file or the size table; set it for a timm/MAE file whose width is
-  # not a known size (such files do not record their head count).
+  # not a known size (timm/MAE state dicts from elsewhere do not record it).
   c.model = dict(size=vit_size, patch_size=patch_size, prenorm=prenorm, image_size=224,
                  compute_dtype="bfloat16", remat=remat, num_heads=0)
   # Stage 2 starts from converted pre-trained weights (any format tools/convert_weights.py reads);
