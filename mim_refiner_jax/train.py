@@ -358,10 +358,13 @@ class KnnEvaluator:
     # One object, so extract_features reuses its compiled function on every call.
     self.apply_fn = functools.partial(encoder.apply, blocks=blocks)
     eval_cfg = dict(resize_size=cfg.resize_size, crop_size=cfg.crop_size)
-    self.loaders = {}
+    self.loaders, sizes = {}, {}
     for split in ("train", "test"):
       source = sources_lib.make_source(cfg[split], where=f"config.evals.knn.{split}")
+      sizes[split] = len(source)
       self.loaders[split] = loader_lib.make_eval_loader(source, eval_cfg, cfg.batch_size)[0]
+    log("k-NN sets: bank %s (%d images), test %s (%d images)", cfg.train, sizes["train"],
+        cfg.test, sizes["test"])
 
   def run(self, encoder_params, buffers) -> dict:
     variables = {"params": encoder_params, "buffers": buffers}
