@@ -4,6 +4,13 @@ r"""MIM-Refiner trainer: stage 2 (ID heads on a frozen encoder) or stage 3 (refi
       --config.init.pretrained=weights/mae_large16.pth
   python -m mim_refiner_jax.train --config configs/mae_l16.py:stage=3 --workdir workdirs/l16_s3
 
+Any config field can be overridden: --config.batch_size=512. Data sources are spec strings
+(mim_refiner_jax/data/sources.py): --config.data.train=image_folder:/data/train or
+--config.data.train=tfds:imagenet2012:train,data_dir=/data/tfds; the k-NN sets
+(--config.evals.knn.train / .test) are "auto" (derived from data.train) or specs of their own.
+Ctrl-C or SIGTERM saves a checkpoint and exits; a second Ctrl-C quits at once. Bad inputs print
+one line and exit with status 2 (--verbose shows the traceback).
+
 Several processes (TPU pod slices, several GPU nodes): start the same command on every host.
 `jax.distributed` is initialised before anything touches a device: automatically on TPU pods and
 SLURM (or with --distributed=on), or explicitly with --coordinator_address, --num_processes and
