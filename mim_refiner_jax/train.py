@@ -261,10 +261,11 @@ def load_pretrained(path: str):
 
 # Fields that fix the shapes and structure of the saved state: a run must resume with the values
 # it started with, and stage 3 must match the stage-2 state it continues (refiner_facts.md
-# section 7: encoder, heads, BatchNorm statistics and queues are carried as they are).
+# section 7: encoder, heads, BatchNorm statistics and queues are carried as they are). The
+# encoder's own fields (model.*) are checked against the recorded architecture instead
+# (check_architecture), since "" there means "whatever the weights are".
 HEAD_FIELDS = ("heads.proj_hidden", "heads.pred_hidden", "heads.out_dim", "queue.size")
-STATE_FIELDS = ("stage", "model.size", "model.patch_size", "model.prenorm", "model.num_heads",
-                "heads.names", "optim.frozen_blocks") + HEAD_FIELDS
+STATE_FIELDS = ("stage", "heads.names", "optim.frozen_blocks") + HEAD_FIELDS
 
 
 def _field(config_dict: dict, field: str):
@@ -273,6 +274,8 @@ def _field(config_dict: dict, field: str):
     if not isinstance(node, dict) or part not in node:
       return None  # a field that did not exist when that run was made
     node = node[part]
+  if field == "heads.names":  # a set: the state is keyed by name
+    return ",".join(sorted(node.split(",")))
   return node
 
 
@@ -304,6 +307,7 @@ def load_stage2_state(config, mesh, rules, key):
   if s2_config.stage != 2:
     raise errors.UserError(f"config.init.stage2_workdir={workdir} holds a stage-"
                            f"{s2_config.stage} run, not stage 2")
+  check_architecture(config, info["vit_kwargs"], f"the stage-2 workdir {workdir}")
   # Stage 3 carries the stage-2 heads and queues as they are: the sizes must agree.
   check_same_fields(config, info["config"], HEAD_FIELDS,
                     f"the stage-2 state in config.init.stage2_workdir={workdir}",
@@ -475,8 +479,9 @@ def _train(config, workdir: str, stop_after: int | None, guard: WorkdirGuard):
     vit_kwargs = pretrained.vit_kwargs
   else:
     s2_state, vit_kwargs = load_stage2_state(config, mesh, rules, key)
-  check_architecture(config, vit_kwargs, config.init.pretrained or config.init.stage2_workdir
-                     or workdir)
+  check_architecture(config, vit_kwargs, f"the run in {workdir}" if resume_step is not None
+                     else config.init.pretrained if s2_state is None
+                     else f"the stage-2 workdir {config.init.stage2_workdir}")
   model = build_model(config, vit_kwargs)
   depth = model.encoder.depth
   tx, lr_fn, total_steps = build_optimizer(config, param_shapes(config, model, key), steps_per_ep,

@@ -240,6 +240,8 @@ def test_stage3_and_resume_check_state_fields(pretrained, tmp_path):
       ("queue.size", 128, "config.queue.size=128 but the stage-2 state in "
                           f"config.init.stage2_workdir={s2} has queue.size=64"),
       ("heads.out_dim", 8, "config.heads.out_dim=8 but the stage-2 state"),
+      ("model.size", "tiny", f"config.model.size='tiny' does not match the weights in the "
+                             f"stage-2 workdir {s2}"),
       ("heads.names", "nnclr_temp02_cls5", r"heads \['nnclr_temp02_cls5'\] are not in the "
                                            "stage-2 workdir")]:
     changed = tiny_config.get_config("stage=3,knn=false")
