@@ -78,6 +78,10 @@ def test_source_specs(tmp_path):
   with pytest.raises(errors.UserError, match=r"config.data.train='image_folder:/nope': .*not a "
                      "directory"):
     sources.make_source("image_folder:/nope", where="config.data.train")
+  # A tfds dataset that is not prepared: said so, and nothing is downloaded into data_dir.
+  with pytest.raises(errors.UserError, match="tfds dataset imagenet2012 is not prepared in"):
+    sources.make_source(f"tfds:imagenet2012:train,data_dir={tmp_path}/tfds")
+  assert not os.path.exists(tmp_path / "tfds")
   # "auto" k-NN sets follow the training source (refiner_facts section 10.1 for ImageNet).
   bank, test = sources.default_eval_sources("tfds:imagenet2012:train,data_dir=/d")
   assert sources.describe_source(bank) == "tfds:imagenet2012_subset/10pct:train,data_dir=/d"

@@ -89,7 +89,17 @@ class TfdsSource:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     self.name = f"tfds {dataset}[{split}]"
     self._image_key, self._label_key = image_key, label_key
-    self._source = tfds.data_source(dataset, split=split, data_dir=data_dir)
+    # Never download or prepare here: ImageNet needs a manual download, and a missing dataset
+    # must be an error naming the directory, not an attempt that writes into data_dir.
+    try:
+      self._source = tfds.data_source(dataset, split=split, data_dir=data_dir, download=False)
+    except (NotImplementedError, AssertionError) as e:  # tfds' words for "not prepared here"
+      builder = tfds.builder(dataset, data_dir=data_dir)
+      if builder.is_prepared():
+        raise
+      raise UserError(f"tfds dataset {dataset} is not prepared in {builder.data_dir}: prepare it "
+                      "once (see mim_refiner_jax/data/sources.py) or set data_dir=DIR or "
+                      "$TFDS_DATA_DIR to where it is") from e
 
   def __len__(self) -> int:
     return len(self._source)
