@@ -177,8 +177,6 @@ def test_cli_errors_are_one_line(pretrained, tmp_path):
       "source_field": (base + ["--config.data.train.root=/x"],
                        "config.data.train is a str"),
       "source_kind": (base + ["--config.data.train=foo:/x"], "unknown data source kind 'foo'"),
-      "missing_folder": (base + ["--config.data.train=image_folder:/nonexistent"],
-                         "'image_folder:/nonexistent': cannot open the image_folder source"),
       "config_file": ([f"--config={tmp_path}/nope.py"], "config file"),
       "config_arg": ([f"--config={CONFIG}:stagee=3"], "unknown config argument 'stagee'"),
       "pretrained": ([f"--config={CONFIG}", f"--config.init.pretrained={damaged}"],

@@ -92,6 +92,13 @@ def evaluate(args):
 
   start = time.time()
   try:
+    ks = [int(k) for k in args.k.split(",")]
+    if min(ks) < 1:
+      raise ValueError(args.k)
+  except ValueError:
+    raise errors.UserError(f"--k {args.k}: give positive integers, e.g. --k 10 or --k 1,10,20"
+                           ) from None
+  try:
     pretrained = checkpoints.load_pretrained(args.checkpoint)
   except errors.UserError:
     raise
@@ -134,7 +141,6 @@ def evaluate(args):
         raise
       request = memory.describe_request(pretrained.vit_kwargs, args.batch_size, crop)
       raise errors.UserError(f"out of device memory for {request}: {fix}") from None
-  ks = [int(k) for k in args.k.split(",")]
   results = {}
   for key in keys:
     res = knn.knn_accuracy(feats["train"][key], feats["train"]["label"], feats["test"][key],
