@@ -285,18 +285,20 @@ def check_same_fields(config, saved_config: dict, fields, where: str, fix: str):
   for field in fields:
     old, new = _field(saved_config, field), _field(current, field)
     if old is not None and new is not None and old != new:
-      raise errors.UserError(f"config.{field}={new!r} but {where} has {field}={old!r}; {fix}")
+      raise errors.UserError(f"config.{field}={new!r} but {where} has {field}={old!r}; "
+                             + fix.format(field=field, old=old))
 
 
 def check_resume_config(config, workdir: str, info: dict):
   """A resumed run must build the state its checkpoint holds (else: say which field changed)."""
-  fix = (f"resume with --config.FIELD=<that value>, or start a new run in another workdir")
+  fix = "resume with --config.{field}={old}, or start a new run in another workdir"
   check_same_fields(config, info["config"], STATE_FIELDS, f"the run in {workdir}", fix)
   saved_ema = _field(info["config"], "ema_decay")
   if saved_ema is not None and (saved_ema > 0) != (config.ema_decay > 0):
     raise errors.UserError(
         f"config.ema_decay={config.ema_decay} but the run in {workdir} was started with "
-        f"ema_decay={saved_ema}: an EMA cannot be added to or dropped from a run; {fix}")
+        f"ema_decay={saved_ema}: an EMA cannot be added to or dropped from a run; "
+        + fix.format(field="ema_decay", old=saved_ema))
 
 
 def load_stage2_state(config, mesh, rules, key):
@@ -312,7 +314,8 @@ def load_stage2_state(config, mesh, rules, key):
   check_same_fields(config, info["config"], HEAD_FIELDS,
                     f"the stage-2 state in config.init.stage2_workdir={workdir}",
                     "stage 3 continues the stage-2 heads and queues as they are (refiner_facts "
-                    "section 7): set the stage-2 value, or rerun stage 2 with the one you want")
+                    "section 7): set --config.{field}={old}, or rerun stage 2 with the value you "
+                    "want")
   wanted = [h.name for h in head_specs(config)]
   missing = [n for n in wanted if n not in s2_config.heads.names.split(",")]
   if missing:

@@ -259,7 +259,7 @@ def test_stage3_and_resume_check_state_fields(pretrained, tmp_path):
   _fake_run(run, config, step=4)
   config.queue.size = 128
   with pytest.raises(errors.UserError, match=f"config.queue.size=128 but the run in {run} has "
-                     "queue.size=64; resume with"):
+                     "queue.size=64; resume with --config.queue.size=64, or start a new run"):
     train_lib.train(config, run)
   assert sorted(os.listdir(run)) == ["checkpoints", "run.json"]
 
