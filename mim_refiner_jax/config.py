@@ -1,7 +1,9 @@
-"""Config helpers: typed `get_config` arguments, head specs, durations, validation.
+"""Config helpers: typed `get_config` arguments, head specs, durations, command-line errors.
 
 Config files live in `configs/` and define `get_config(arg: str | None) -> ConfigDict` in the manner
 of big_vision: `configs/mae_l16.py:stage=3,batch_size=512` passes `stage=3,batch_size=512` as `arg`.
+`absl_flags_parser` turns ml_collections' and absl's parsing errors (a typo in a `--config.` field,
+a wrong type, a missing config file) into one line naming the argument, exit status 2.
 """
 
 import dataclasses
