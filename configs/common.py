@@ -8,9 +8,6 @@ import ml_collections
 
 from mim_refiner_jax import config as config_lib
 
-IMAGENET_TRAIN_EXAMPLES = 1_281_167
-
-
 def refinement_config(*, stage: int, vit_size: str, patch_size: int, prenorm: bool,
                       heads: list[str], batch_size: int, epochs: int, local_size: int,
                       pretrained: str, stage2_workdir: str, frozen_blocks: int = 0,
@@ -47,16 +44,19 @@ def refinement_config(*, stage: int, vit_size: str, patch_size: int, prenorm: bo
                  layer_decay=0.65, encoder_wd=0.05, head_wd=1e-5, frozen_blocks=frozen_blocks)
   c.ema_decay = 0.9999 if stage == 3 else 0.0  # 0 disables the EMA (stage 2 has none)
 
-  # Data (sections 9, 10): ImageNet-1k from tfds (see mim_refiner_jax/data/sources.py).
+  # Data (sections 9, 10): ImageNet-1k from tfds; any source spec of mim_refiner_jax/data/sources.py
+  # works, e.g. --config.data.train=image_folder:/data/imagenet/train or
+  # --config.data.train=tfds:imagenet2012:train,data_dir=/data/tfds.
   c.data = dict(
-      train=dict(name="tfds", dataset="imagenet2012", split="train", data_dir=""),
-      num_train_examples=IMAGENET_TRAIN_EXAMPLES,
+      train="tfds:imagenet2012:train",
+      num_train_examples=0,  # 0: the length of the source (1,281,167 for ImageNet-1k)
       global_size=224, local_size=local_size, num_local=10, color_augs=True,
       worker_count=8, fail_fast=False)
+  # k-NN monitor (section 10.1). "auto" follows data.train: for tfds ImageNet the 10% train subset
+  # and the validation split (same data_dir), for an image folder .../train the folder itself and
+  # its sibling val/ (see sources.default_eval_sources); set both to other specs to override.
   c.evals = dict(knn=dict(
-      every_epochs=1,
-      train=dict(name="tfds", dataset="imagenet2012_subset/10pct", split="train", data_dir=""),
-      test=dict(name="tfds", dataset="imagenet2012", split="validation", data_dir=""),
+      every_epochs=1, train="auto", test="auto",
       resize_size=256, crop_size=224, batch_size=1024, k=10, tau=0.07,
       features=f"block{depth - 1}_cls,block{depth - 1}_patch_mean"))
 

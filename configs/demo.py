@@ -39,7 +39,7 @@ def get_config(arg=None):
   c.optim = dict(base_lr=2e-3 if args.stage == 2 else 4e-3, end_lr=1e-6, b1=0.9, b2=0.95,
                  eps=1e-8, layer_decay=0.65, encoder_wd=0.05, head_wd=1e-5, frozen_blocks=0)
   c.ema_decay = 0.99 if args.stage == 3 else 0.0  # short run: a shorter EMA horizon
-  c.data = dict(train=dict(name="mnist", split="train", image_size=32),
+  c.data = dict(train="mnist:train,image_size=32",
                 num_train_examples=0,  # 0: take the length of the source
                 global_size=32, local_size=16, num_local=2, color_augs=False,
                 # Digits: no flips (a mirrored digit is another or no digit), and larger crops of
@@ -48,8 +48,7 @@ def get_config(arg=None):
                 worker_count=0, fail_fast=False)
   c.evals = dict(knn=dict(
       every_epochs=0,  # 0: only at the end
-      train=dict(name="mnist", split="train", image_size=32),
-      test=dict(name="mnist", split="val", image_size=32),
+      train="mnist:train,image_size=32", test="mnist:val,image_size=32",
       resize_size=32, crop_size=32, batch_size=500, k=10, tau=0.07,
       features=f"block{depth - 1}_cls,block{depth - 1}_patch_mean"))
   c.sharding = dict(data=-1, fsdp=1, rules="replicate")

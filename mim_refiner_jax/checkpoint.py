@@ -22,29 +22,43 @@ STATE, DATA, META = "state", "data", "meta"
 
 
 class PreemptionFlag:
-  """Set by SIGTERM; the loop saves and exits cleanly when it sees it.
+  """Set by SIGTERM or SIGINT (Ctrl-C); the loop saves and exits cleanly when it sees it.
+
+  A second SIGINT (Ctrl-C again) ends the process at once, without saving: after the first, SIGINT
+  gets the operating system's default action back, which works even while the main thread is
+  inside a long XLA call. Checkpoints already on disk are intact (Orbax commits a step by
+  renaming its finished directory).
 
   Single-process runs rely on this handler. Multi-process runs also ask Orbax, whose
   `reached_preemption` agrees on one step across hosts through JAX's coordination service.
   """
 
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
   def __init__(self):
     self._event = threading.Event()
-    self._previous = None
+    self._previous = {}
 
   def install(self):
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
     return self
 
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
-    logging.warning("SIGTERM received: saving a checkpoint and stopping at the next step.")
+    name = signal.Signals(signum).name
+    again = " Press Ctrl-C again to quit at once without saving." if signum == signal.SIGINT else ""
+    # os.write, not print/logging: a handler that writes to a stream the main thread is writing
+    # to can fail with "reentrant call".
+    os.write(2, f"{name} received: saving a checkpoint and stopping after this step.{again}\n"
+             .encode())
+    if signum == signal.SIGINT or self._event.is_set():
+      signal.signal(signal.SIGINT, signal.SIG_DFL)  # the next Ctrl-C ends the process at once
     self._event.set()
 
   def uninstall(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}
 
   def is_set(self) -> bool:
     return self._event.is_set()

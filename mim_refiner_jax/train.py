@@ -4,6 +4,13 @@ r"""MIM-Refiner trainer: stage 2 (ID heads on a frozen encoder) or stage 3 (refi
       --config.init.pretrained=weights/mae_large16.pth
   python -m mim_refiner_jax.train --config configs/mae_l16.py:stage=3 --workdir workdirs/l16_s3
 
+Any config field can be overridden: --config.batch_size=512. Data sources are spec strings
+(mim_refiner_jax/data/sources.py): --config.data.train=image_folder:/data/train or
+--config.data.train=tfds:imagenet2012:train,data_dir=/data/tfds; the k-NN sets
+(--config.evals.knn.train / .test) are "auto" (derived from data.train) or specs of their own.
+Ctrl-C or SIGTERM saves a checkpoint and exits; a second Ctrl-C quits at once. Bad inputs print
+one line and exit with status 2 (--verbose shows the traceback).
+
 Several processes (TPU pod slices, several GPU nodes): start the same command on every host.
 `jax.distributed` is initialised before anything touches a device: automatically on TPU pods and
 SLURM (or with --distributed=on), or explicitly with --coordinator_address, --num_processes and
@@ -19,6 +26,7 @@ import json
 import os
 import shutil
 import time
+import zipfile
 
 from absl import app
 from absl import flags
@@ -32,6 +40,7 @@ import numpy as np
 
 from mim_refiner_jax import checkpoint as checkpoint_lib
 from mim_refiner_jax import config as config_lib
+from mim_refiner_jax import errors
 from mim_refiner_jax import metrics as metrics_lib
 from mim_refiner_jax import optim
 from mim_refiner_jax import sharding as sharding_lib
@@ -59,6 +68,8 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _STOP_AFTER = flags.DEFINE_integer(
     "stop_after_steps", None, "Stop (with a checkpoint) after this many steps of this run, as if "
     "preempted; the next run with the same workdir resumes. For tests and job-time limits.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show the traceback of user errors (bad config "
+                             "values, files, sources), which are otherwise one line.")
 
 STATE_DIR, EXPORT_DIR = "checkpoints", "export"
 
@@ -84,31 +95,60 @@ def initialize_distributed():
 
 
 # ------------------------------------------------------------------------------------------ config
-def _source_cfg(cfg) -> dict:
-  """Config of a data source without empty optional strings (e.g. data_dir="")."""
-  return {k: v for k, v in cfg.to_dict().items() if v != ""}
-
-
 def validate_config(config: ml_collections.ConfigDict):
+  """Config mistakes found before anything is read or written (UserError naming the field)."""
   if config.stage not in (2, 3):
-    raise ValueError(f"config.stage must be 2 or 3, got {config.stage}")
+    raise errors.UserError(f"config.stage must be 2 or 3, got {config.stage}")
   if config.stage == 2 and not config.init.pretrained:
-    raise ValueError("stage 2 needs pre-trained weights: set --config.init.pretrained=PATH (any "
-                     "format tools/convert_weights.py reads, or a Flax checkpoint directory)")
+    raise errors.UserError(
+        "stage 2 needs pre-trained weights: set --config.init.pretrained=PATH (any format "
+        "tools/convert_weights.py reads, or a Flax checkpoint directory)")
   if config.stage == 3 and not (config.init.stage2_workdir or config.init.pretrained):
-    raise ValueError("stage 3 starts from a stage-2 workdir: set "
-                     "--config.init.stage2_workdir=DIR (or init.pretrained to skip stage 2)")
+    raise errors.UserError("stage 3 starts from a stage-2 workdir: set "
+                           "--config.init.stage2_workdir=DIR (or init.pretrained to skip stage 2)")
   if config.loss.local_view_indexing not in ("reference", "corrected"):
-    raise ValueError("config.loss.local_view_indexing must be 'reference' or 'corrected', got "
-                     f"{config.loss.local_view_indexing!r}")
+    raise errors.UserError("config.loss.local_view_indexing must be 'reference' or 'corrected', "
+                           f"got {config.loss.local_view_indexing!r}")
+  for field, value in (("batch_size", config.batch_size), ("queue.size", config.queue.size),
+                       ("num_epochs", config.num_epochs)):
+    if value <= 0:
+      raise errors.UserError(f"config.{field} must be positive, got {value}")
+  if config.warmup_epochs < 0:
+    raise errors.UserError(f"config.warmup_epochs must be >= 0, got {config.warmup_epochs}")
   if config.batch_size % jax.device_count():
-    raise ValueError(f"config.batch_size={config.batch_size} must divide by the number of "
-                     f"devices ({jax.device_count()})")
+    raise errors.UserError(f"config.batch_size={config.batch_size} must divide by the number of "
+                           f"devices ({jax.device_count()})")
   if config.queue.size % jax.device_count():
-    raise ValueError(f"config.queue.size={config.queue.size} must divide by the number of "
-                     f"devices ({jax.device_count()}): the queue is split over all of them")
+    raise errors.UserError(f"config.queue.size={config.queue.size} must divide by the number of "
+                           f"devices ({jax.device_count()}): the queue is split over all of them")
   for name in config.heads.names.split(","):
     config_lib.head_spec(name)  # raises a clear error for a malformed name
+
+
+def resolve_eval_sources(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of `config` with the k-NN sets' "auto" replaced by specs derived from data.train.
+
+  An experienced user who changes data.train expects the monitor to follow it, not to keep
+  reading ImageNet (or to fail on a missing tfds dataset hours later): see
+  sources.default_eval_sources. Sets given explicitly are kept as they are.
+  """
+  knn = config.evals.knn
+  if not knn.features or "auto" not in (knn.train, knn.test):
+    return config
+  config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy; the caller's is untouched
+  bank, test = sources_lib.default_eval_sources(config.data.train)
+  if config.evals.knn.train == "auto":
+    config.evals.knn.train = sources_lib.describe_source(bank)
+  if config.evals.knn.test == "auto":
+    if test is None:
+      raise errors.UserError(
+          f"config.evals.knn.test is 'auto', which cannot derive a k-NN test set from "
+          f"config.data.train={config.data.train!r}: set --config.evals.knn.test=SPEC (e.g. "
+          "image_folder:/data/val), or --config.evals.knn.features= to train without the k-NN "
+          "monitor")
+    config.evals.knn.test = sources_lib.describe_source(test)
+  config.lock()
+  return config
 
 
 def head_specs(config) -> list[config_lib.HeadSpec]:
@@ -132,22 +172,39 @@ def check_architecture(config, vit_kwargs: dict, where: str):
     want = SIZES[m.size] if m.size in SIZES else None
     got = {k: vit_kwargs[k] for k in ("width", "depth", "num_heads")}
     if want is None or want != got:
-      raise ValueError(f"config.model.size={m.size!r} does not match the weights in {where} "
-                       f"({got}); fix config.model.size or point init at the right file")
+      raise errors.UserError(
+          f"config.model.size={m.size!r} does not match the weights in {where} ({got}); fix "
+          "config.model.size (or set it to '' to take the size from the weights) or point init "
+          "at the right file")
   if m.patch_size and m.patch_size != vit_kwargs["patch_size"]:
-    raise ValueError(f"config.model.patch_size={m.patch_size} but {where} has patch size "
-                     f"{vit_kwargs['patch_size']}")
+    raise errors.UserError(f"config.model.patch_size={m.patch_size} but {where} has patch size "
+                           f"{vit_kwargs['patch_size']}")
   if m.get("num_heads") and m.num_heads != vit_kwargs["num_heads"]:
-    raise ValueError(f"config.model.num_heads={m.num_heads} but {where} has "
-                     f"{vit_kwargs['num_heads']} heads")
+    raise errors.UserError(f"config.model.num_heads={m.num_heads} but {where} has "
+                           f"{vit_kwargs['num_heads']} heads")
   if m.prenorm != vit_kwargs["prenorm"]:
-    raise ValueError(f"config.model.prenorm={m.prenorm} but {where} holds a "
-                     f"{'pre' if vit_kwargs['prenorm'] else 'post'}-norm model")
+    raise errors.UserError(f"config.model.prenorm={m.prenorm} but {where} holds a "
+                           f"{'pre' if vit_kwargs['prenorm'] else 'post'}-norm model")
 
 
-def build_optimizer(config, params, steps_per_ep: float, freeze_encoder: bool, depth: int):
+def schedule_steps(config, steps_per_ep: float, quiet: bool = False) -> tuple[int, int]:
+  """(total, warmup) updates; a warmup as long as the run is clipped to leave one cosine step."""
   total = int(round(config.num_epochs * steps_per_ep))
   warmup = int(round(config.warmup_epochs * steps_per_ep))
+  if total < 1:
+    raise errors.UserError(f"config.num_epochs={config.num_epochs} gives no update at "
+                           f"{steps_per_ep} steps per epoch: raise config.num_epochs")
+  if warmup >= total:
+    if not quiet:
+      log("warning: warmup_epochs=%s (%d steps) >= the run (%d steps); warmup clipped to %d "
+          "steps", config.warmup_epochs, warmup, total, total - 1)
+    warmup = total - 1
+  return total, warmup
+
+
+def build_optimizer(config, params, steps_per_ep: float, freeze_encoder: bool, depth: int,
+                    quiet: bool = False):
+  total, warmup = schedule_steps(config, steps_per_ep, quiet)
   o = config.optim
   tx, lr_fn = optim.make_optimizer(
       params, base_lr=o.base_lr, global_batch_size=config.batch_size, warmup_steps=warmup,
@@ -175,9 +232,76 @@ def _init_fn(config, model, tx, with_ema):
 def read_run_info(workdir: str) -> dict:
   path = os.path.join(workdir, "run.json")
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: {workdir} is not a workdir of this trainer")
-  with open(path) as f:
-    return json.load(f)
+    raise errors.UserError(f"{path} not found: {workdir} is not a workdir of this trainer (or "
+                           "its first run stopped before its first step)")
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise errors.UserError(f"{path} is unreadable ({e}); it records how the run in {workdir} "
+                           "was configured") from None
+
+
+def write_run_info(workdir: str, info: dict, is_main: bool):
+  if is_main:
+    with open(os.path.join(workdir, "run.json"), "w") as f:
+      json.dump(info, f, indent=1)
+
+
+def load_pretrained(path: str, num_heads: int | None = None):
+  """config.init.pretrained, converted; a file that cannot be read is a UserError naming it."""
+  try:
+    return convert_lib.load_pretrained(path, num_heads=num_heads)
+  except errors.UserError:
+    raise
+  except FileNotFoundError as e:
+    raise errors.UserError(f"config.init.pretrained={path}: {e}") from None
+  except (ValueError, OSError, KeyError, zipfile.BadZipFile) as e:
+    first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise errors.UserError(f"config.init.pretrained={path} cannot be read: {first_line}; point "
+                           "it at a checkpoint tools/convert_weights.py reads") from None
+
+
+# Fields that fix the shapes and structure of the saved state: a run must resume with the values
+# it started with, and stage 3 must match the stage-2 state it continues (refiner_facts.md
+# section 7: encoder, heads, BatchNorm statistics and queues are carried as they are). The
+# encoder's own fields (model.*) are checked against the recorded architecture instead
+# (check_architecture), since "" there means "whatever the weights are".
+HEAD_FIELDS = ("heads.proj_hidden", "heads.pred_hidden", "heads.out_dim", "queue.size")
+STATE_FIELDS = ("stage", "heads.names", "optim.frozen_blocks") + HEAD_FIELDS
+
+
+def _field(config_dict: dict, field: str):
+  node = config_dict
+  for part in field.split("."):
+    if not isinstance(node, dict) or part not in node:
+      return None  # a field that did not exist when that run was made
+    node = node[part]
+  if field == "heads.names":  # a set: the state is keyed by name
+    return ",".join(sorted(node.split(",")))
+  return node
+
+
+def check_same_fields(config, saved_config: dict, fields, where: str, fix: str):
+  """UserError naming the first of `fields` whose value differs from `saved_config`'s."""
+  current = config.to_dict()
+  for field in fields:
+    old, new = _field(saved_config, field), _field(current, field)
+    if old is not None and new is not None and old != new:
+      raise errors.UserError(f"config.{field}={new!r} but {where} has {field}={old!r}; "
+                             + fix.format(field=field, old=old))
+
+
+def check_resume_config(config, workdir: str, info: dict):
+  """A resumed run must build the state its checkpoint holds (else: say which field changed)."""
+  fix = "resume with --config.{field}={old}, or start a new run in another workdir"
+  check_same_fields(config, info["config"], STATE_FIELDS, f"the run in {workdir}", fix)
+  saved_ema = _field(info["config"], "ema_decay")
+  if saved_ema is not None and (saved_ema > 0) != (config.ema_decay > 0):
+    raise errors.UserError(
+        f"config.ema_decay={config.ema_decay} but the run in {workdir} was started with "
+        f"ema_decay={saved_ema}: an EMA cannot be added to or dropped from a run; "
+        + fix.format(field="ema_decay", old=saved_ema))
 
 
 def load_stage2_state(config, mesh, rules, key):
@@ -185,25 +309,39 @@ def load_stage2_state(config, mesh, rules, key):
   workdir = config.init.stage2_workdir
   info = read_run_info(workdir)
   s2_config = ml_collections.ConfigDict(info["config"])
+  if s2_config.stage != 2:
+    raise errors.UserError(f"config.init.stage2_workdir={workdir} holds a stage-"
+                           f"{s2_config.stage} run, not stage 2")
+  check_architecture(config, info["vit_kwargs"], f"the stage-2 workdir {workdir}")
+  # Stage 3 carries the stage-2 heads and queues as they are: the sizes must agree.
+  check_same_fields(config, info["config"], HEAD_FIELDS,
+                    f"the stage-2 state in config.init.stage2_workdir={workdir}",
+                    "stage 3 continues the stage-2 heads and queues as they are (refiner_facts "
+                    "section 7): set --config.{field}={old}, or rerun stage 2 with the value you "
+                    "want")
+  wanted = [h.name for h in head_specs(config)]
+  missing = [n for n in wanted if n not in s2_config.heads.names.split(",")]
+  if missing:
+    raise errors.UserError(
+        f"config.heads.names: heads {missing} are not in the stage-2 workdir {workdir} (it has "
+        f"{s2_config.heads.names}); stage 3 keeps a subset of the stage-2 heads")
   s2_model = build_model(s2_config, info["vit_kwargs"])
   s2_steps = info["steps_per_epoch"]
   s2_tx, _, _ = build_optimizer(s2_config, param_shapes(s2_config, s2_model, key), s2_steps,
-                                True, s2_model.encoder.depth)
+                                True, s2_model.encoder.depth, quiet=True)
   init = _init_fn(s2_config, s2_model, s2_tx, with_ema=False)
   shapes = jax.eval_shape(init, key)
   target = checkpoint_lib.abstract_with_shardings(
       shapes, sharding_lib.infer_shardings(mesh, shapes, rules))
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, STATE_DIR), every_steps=1, keep=1)
+  ckpt_dir = os.path.join(workdir, STATE_DIR)
+  if not os.path.isdir(ckpt_dir):  # (the Checkpointer would create it inside that workdir)
+    raise errors.UserError(f"no checkpoint in {ckpt_dir}: run stage 2 there first")
+  ckpt = checkpoint_lib.Checkpointer(ckpt_dir, every_steps=1, keep=1)
   step = ckpt.latest_step()
   if step is None:
-    raise FileNotFoundError(f"no checkpoint in {workdir}/{STATE_DIR}: run stage 2 there first")
+    raise errors.UserError(f"no checkpoint in {ckpt_dir}: run stage 2 there first")
   s2_state, _ = ckpt.restore(step, target)
   ckpt.close()
-  wanted = [h.name for h in head_specs(config)]
-  missing = [n for n in wanted if n not in s2_state["params"]["heads"]]
-  if missing:
-    raise ValueError(f"heads {missing} are not in the stage-2 workdir {workdir} (it has "
-                     f"{sorted(s2_state['params']['heads'])}); stage 3 keeps a subset of them")
   pick = lambda tree: {n: tree[n] for n in wanted}
   s2_state["params"] = {"encoder": s2_state["params"]["encoder"],
                         "heads": pick(s2_state["params"]["heads"])}
@@ -237,10 +375,13 @@ class KnnEvaluator:
     # One object, so extract_features reuses its compiled function on every call.
     self.apply_fn = functools.partial(encoder.apply, blocks=blocks)
     eval_cfg = dict(resize_size=cfg.resize_size, crop_size=cfg.crop_size)
-    self.loaders = {}
+    self.loaders, sizes = {}, {}
     for split in ("train", "test"):
-      source = sources_lib.make_source(_source_cfg(cfg[split]))
+      source = sources_lib.make_source(cfg[split], where=f"config.evals.knn.{split}")
+      sizes[split] = len(source)
       self.loaders[split] = loader_lib.make_eval_loader(source, eval_cfg, cfg.batch_size)[0]
+    log("k-NN sets: bank %s (%d images), test %s (%d images)", cfg.train, sizes["train"],
+        cfg.test, sizes["test"])
 
   def run(self, encoder_params, buffers) -> dict:
     variables = {"params": encoder_params, "buffers": buffers}
@@ -257,9 +398,56 @@ class KnnEvaluator:
 
 
 # ------------------------------------------------------------------------------------------- main
+class WorkdirGuard:
+  """Puts the workdir back as this run found it if the run fails before its first step.
+
+  A failed start (bad weights, out of memory while compiling, Ctrl-C) must not leave an empty
+  checkpoints/, metrics.jsonl or tb/ behind that look like a run; entries that existed before
+  (a run being resumed) are never touched. Only process 0 removes anything.
+  """
+
+  ENTRIES = ("checkpoints", "metrics.jsonl", "tb", "run.json")
+
+  def __init__(self, workdir: str):
+    self.workdir = workdir
+    self.workdir_existed = os.path.isdir(workdir)
+    self.existed = {e for e in self.ENTRIES if os.path.lexists(os.path.join(workdir, e))}
+    self.armed = True
+
+  def first_step_done(self):
+    self.armed = False
+
+  def undo(self):
+    if not self.armed or jax.process_index() != 0:
+      return
+    for entry in self.ENTRIES:
+      path = os.path.join(self.workdir, entry)
+      if entry in self.existed or not os.path.lexists(path):
+        continue
+      if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+      else:
+        os.remove(path)
+    if not self.workdir_existed:
+      try:
+        os.rmdir(self.workdir)  # only if empty
+      except OSError:
+        pass
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None = None):
   """Runs (or resumes) one stage in `workdir`; returns `(state, last metrics fetched)`."""
   validate_config(config)
+  config = resolve_eval_sources(config)
+  guard = WorkdirGuard(workdir)
+  try:
+    return _train(config, workdir, stop_after, guard)
+  except BaseException:
+    guard.undo()
+    raise
+
+
+def _train(config, workdir: str, stop_after: int | None, guard: WorkdirGuard):
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   writer = metrics_lib.MetricWriter(workdir)
@@ -271,8 +459,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_after: int | Non
       jax.devices()[0].device_kind, jax.process_count(), dict(mesh.shape))
 
   # ---------------------------------------------------------------------------------- input
-  source = sources_lib.make_source(dict(_source_cfg(config.data.train),
-                                        fail_fast=config.data.fail_fast))
+  source = sources_lib.make_source(config.data.train, where="config.data.train",
+                                   fail_fast=config.data.fail_fast or None)
   num_examples = config.data.num_train_examples or len(source)
   steps_per_ep = config_lib.steps_per_epoch(num_examples, config.batch_size)
   # Any other MultiCropConfig field (e.g. flip_p, global_scale) via config.data.multicrop.
@@ -289,16 +477,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_after: int | Non
   resume_step = ckpt.latest_step()
   pretrained = s2_state = None
   if resume_step is not None:
-    vit_kwargs = read_run_info(workdir)["vit_kwargs"]
+    run_info = read_run_info(workdir)
+    check_resume_config(config, workdir, run_info)
+    vit_kwargs = run_info["vit_kwargs"]
   elif stage2 or not config.init.stage2_workdir:
     # model.num_heads: the head count of a timm/MAE file of a width not in the size table.
-    pretrained = convert_lib.load_pretrained(config.init.pretrained,
-                                             num_heads=config.model.get("num_heads") or None)
+    pretrained = load_pretrained(config.init.pretrained, config.model.get("num_heads") or None)
     vit_kwargs = pretrained.vit_kwargs
   else:
     s2_state, vit_kwargs = load_stage2_state(config, mesh, rules, key)
-  check_architecture(config, vit_kwargs, config.init.pretrained or config.init.stage2_workdir
-                     or workdir)
+  check_architecture(config, vit_kwargs, f"the run in {workdir}" if resume_step is not None
+                     else config.init.pretrained if s2_state is None
+                     else f"the stage-2 workdir {config.init.stage2_workdir}")
   model = build_model(config, vit_kwargs)
   depth = model.encoder.depth
   tx, lr_fn, total_steps = build_optimizer(config, param_shapes(config, model, key), steps_per_ep,
@@ -321,10 +511,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_after: int | Non
     state, shardings = state_lib.create_state(init_fn, key, mesh, rules)
     state = insert_pretrained(state, shardings, pretrained.variables)
     del pretrained
-  if is_main:
-    with open(os.path.join(workdir, "run.json"), "w") as f:
-      json.dump({"config": config.to_dict(), "vit_kwargs": vit_kwargs,
-                 "steps_per_epoch": steps_per_ep, "total_steps": total_steps}, f, indent=1)
+  run_info = {"config": config.to_dict(), "vit_kwargs": vit_kwargs,
+              "steps_per_epoch": steps_per_ep, "total_steps": total_steps}
 
   # ------------------------------------------------------------------------------- step
   batch_example = _host_batch(train_iter, peek=True)
@@ -376,6 +564,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_after: int | Non
       skipped = int(host.pop("num_skipped").sum())
       state, step_metrics = compiled(state, sharding_lib.global_batch(mesh, host))
       step += 1
+      if guard.armed:  # the run has started: record how (read by resume and by stage 3)
+        write_run_info(workdir, run_info, is_main)
+        guard.first_step_done()
       stop = preemption.is_set() or ckpt.reached_preemption(step) or (
           stop_after is not None and step - start >= stop_after)
       log_now = step % config.log_every_steps == 0 or step == total_steps
@@ -403,11 +594,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_after: int | Non
                                             "stage": config.stage}, force=True)
         tracker.resume()
       if stop and step < total_steps:
-        logging.warning("stopping at step %d; rerun with the same workdir to resume", step)
+        log("stopping at step %d: checkpoint saved; rerun the same command (same --workdir) to "
+            "resume", step)
         break
   finally:
+    ckpt.close()  # (waits for the last save; a second Ctrl-C still ends the process at once)
     preemption.uninstall()
-    ckpt.close()
 
   if step >= total_steps:
     results = evaluate(state)
@@ -455,16 +647,27 @@ def export(state, vit_kwargs: dict, workdir: str, is_main: bool):
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    raise errors.UserError(f"unexpected arguments: {' '.join(argv[1:])} (flags are --name=value; "
+                           "see --help)")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  initialize_distributed()
   if _CONFIG.value is None or _WORKDIR.value is None:
-    raise app.UsageError("--config and --workdir are required")
-  train(_CONFIG.value, _WORKDIR.value, _STOP_AFTER.value)
+    raise errors.UserError("--config and --workdir are required, e.g. --config=configs/"
+                           "mae_l16.py:stage=2 --workdir=workdirs/mae_l16_s2 (see --help)")
+  config = _CONFIG.value
+  if not isinstance(config, ml_collections.ConfigDict):  # ml_collections defers this error
+    config_lib.load_config_file(flags.FLAGS["config"].config_filename)  # UserError naming it
+  initialize_distributed()
+  train(config, _WORKDIR.value, _STOP_AFTER.value)
   if jax.process_count() > 1:
     jax.distributed.shutdown()
 
 
+def run():
+  """The command line: user errors as one line (exit status 2), --help exits 0."""
+  app.run(lambda argv: errors.run_main(lambda: main(argv), verbose=_VERBOSE.value),
+          flags_parser=config_lib.absl_flags_parser)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  run()

@@ -1,6 +1,6 @@
-"""The trainer end to end on a tiny config: resume equivalence, SIGTERM, config errors, 2 hosts.
+"""The trainer end to end on a tiny config: resume equivalence, Ctrl-C, config errors, 2 hosts.
 
-Runs in-process (8 simulated CPU devices from conftest) where possible; SIGTERM, command-line
+Runs in-process (8 simulated CPU devices from conftest) where possible; Ctrl-C, command-line
 errors and the two-process jax.distributed run use subprocesses of the real command.
 """
 
@@ -108,20 +108,27 @@ def _run(args, env_extra=None, **kwargs):
                           **kwargs)
 
 
-def test_sigterm_saves_and_resumes(pretrained, tmp_path):
+def test_ctrl_c_saves_and_resumes(pretrained, tmp_path):
+  """Ctrl-C as a terminal sends it: SIGINT to the whole process group, the Grain worker included.
+
+  The trainer saves and exits 0 with the resume hint (the worker ignores SIGINT, so the last
+  batch still arrives); SIGTERM takes the same path (PreemptionFlag handles both).
+  """
   workdir = str(tmp_path / "run")
   args = [f"--config={CONFIG}:stage=2,epochs=500,knn=false", f"--workdir={workdir}",
-          f"--config.init.pretrained={pretrained}"]
-  proc = _run(args)
+          f"--config.init.pretrained={pretrained}", "--config.data.worker_count=1"]
+  proc = _run(args, start_new_session=True)
   lines = []
-  for line in proc.stdout:  # wait until it is stepping, then preempt it
+  for line in proc.stdout:  # wait until it is stepping, then press "Ctrl-C"
     lines.append(line)
     if line.split(" ", 1)[-1].startswith("step 3/"):
-      proc.send_signal(signal.SIGTERM)
+      os.killpg(proc.pid, signal.SIGINT)
       break
   out = "".join(lines) + proc.communicate(timeout=120)[0]
   assert proc.returncode == 0, out
-  assert "stopping at step" in out, out
+  assert "SIGINT received: saving a checkpoint" in out, out
+  assert "stopping at step" in out and "rerun the same command" in out, out
+  assert "Traceback" not in out, out
   steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
   assert steps and 3 <= steps[-1] < 2000, (steps, out)
   # The same command resumes from that checkpoint.

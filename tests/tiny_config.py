@@ -26,11 +26,11 @@ def get_config(arg=None):
   c.optim = dict(base_lr=1e-3, end_lr=1e-6, b1=0.9, b2=0.95, eps=1e-8, layer_decay=0.65,
                  encoder_wd=0.05, head_wd=1e-5, frozen_blocks=0)
   c.ema_decay = 0.99 if args.stage == 3 else 0.0
-  synthetic = dict(name="synthetic", num_examples=64, num_classes=4, image_size=24)
+  synthetic = "synthetic:64,num_classes=4,image_size=24"
   c.data = dict(train=synthetic, num_train_examples=0, global_size=16, local_size=8, num_local=2,
                 color_augs=False, worker_count=0, fail_fast=False)
   c.evals = dict(knn=dict(
-      every_epochs=1, train=synthetic, test=dict(synthetic, num_examples=32, seed=1),
+      every_epochs=1, train=synthetic, test="synthetic:32,num_classes=4,image_size=24,seed=1",
       resize_size=16, crop_size=16, batch_size=32, k=5, tau=0.07,
       features="block1_cls,cls" if args.knn else ""))
   c.sharding = dict(data=-1, fsdp=1, rules="replicate")

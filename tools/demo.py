@@ -68,7 +68,7 @@ class BlockKnn:
     self.cfg = eval_cfg
     self.loaders = {
         split: loader.make_eval_loader(
-            sources.make_source(dict(eval_cfg[split])),
+            sources.make_source(eval_cfg[split]),
             dict(resize_size=eval_cfg.resize_size, crop_size=eval_cfg.crop_size),
             eval_cfg.batch_size)[0]
         for split in ("train", "test")}

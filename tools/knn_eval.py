@@ -13,8 +13,14 @@ CLS token and mean patch token, without the final LayerNorm.
   python tools/knn_eval.py --checkpoint workdirs/demo/seed0/stage3/export/encoder_flax \
       --train mnist:train --test mnist:val --resize 32 --crop 32 --features all_blocks
 
-Sources: `tfds:DATASET:SPLIT[:DATA_DIR]`, `folder:ROOT`, `mnist:SPLIT`, `synthetic:N`.
-Runs on all local devices (and all hosts under jax.distributed).
+Sources are spec strings (mim_refiner_jax/data/sources.py): `tfds:DATASET:SPLIT[,data_dir=DIR]`,
+`image_folder:ROOT`, `mnist:SPLIT`, `synthetic:N`, options as `,key=value`; mnist and synthetic
+images are made at the crop size unless the spec says image_size=...
+Images are resized to --resize and centre-cropped to --crop; both default to the checkpoint's own
+size (patch size x position-table grid; resize = crop x 256/224), e.g. 256/224 for a ViT-L/16 and
+37/32 for the demo's 32 px model. A request that cannot fit memory is refused with the sizes.
+Runs on all local devices (and all hosts under jax.distributed). Bad inputs print one line
+(`--verbose` adds the traceback) and exit with status 2.
 """
 
 import argparse
@@ -29,29 +35,32 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax.numpy as jnp  # noqa: E402
 
+from mim_refiner_jax import errors  # noqa: E402
 from mim_refiner_jax.convert import checkpoints  # noqa: E402
 from mim_refiner_jax.data import loader, sources  # noqa: E402
-from mim_refiner_jax.evaluation import features, knn  # noqa: E402
+from mim_refiner_jax.evaluation import features, knn, memory  # noqa: E402
 from mim_refiner_jax.models.vit import ViT  # noqa: E402
 
 
-def source_config(spec: str, image_size: int) -> dict:
-  """`tfds:imagenet2012:validation` -> the config dict `sources.make_source` takes."""
-  kind, _, rest = spec.partition(":")
-  parts = rest.split(":") if rest else []
-  if kind == "tfds" and len(parts) in (2, 3):
-    cfg = dict(name="tfds", dataset=parts[0], split=parts[1])
-    if len(parts) == 3:
-      cfg["data_dir"] = parts[2]
-    return cfg
-  if kind == "folder" and len(parts) == 1:
-    return dict(name="image_folder", root=parts[0])
-  if kind == "mnist" and len(parts) == 1:
-    return dict(name="mnist", split=parts[0], image_size=image_size)
-  if kind == "synthetic" and len(parts) == 1:
-    return dict(name="synthetic", num_examples=int(parts[0]), image_size=image_size)
-  raise ValueError(f"bad source {spec!r}: use tfds:DATASET:SPLIT[:DATA_DIR], folder:ROOT, "
-                   "mnist:SPLIT or synthetic:N")
+def eval_source(spec: str, image_size: int, flag: str):
+  """A source spec; mnist/synthetic images default to the evaluation crop size."""
+  try:
+    cfg = sources.parse_source_spec(spec)
+  except errors.UserError as e:
+    raise errors.UserError(f"{flag} {spec}: {e}") from None
+  if cfg["name"] in ("mnist", "synthetic"):
+    cfg.setdefault("image_size", image_size)
+  return sources.make_source(cfg, where=f"{flag} {spec}")
+
+
+def image_sizes(args, vit_kwargs: dict) -> tuple[int, int]:
+  """(resize, crop): the flags, else the checkpoint's own size (crop) and crop x 256/224."""
+  native = memory.native_image_size(vit_kwargs)
+  crop = args.crop or native
+  resize = args.resize or int(round(crop * 256 / 224))
+  if resize < crop:
+    raise errors.UserError(f"--resize {resize} is smaller than --crop {crop}")
+  return resize, crop
 
 
 def main(argv=None):
@@ -66,18 +75,38 @@ def main(argv=None):
                            "patch, no final norm: the paper's) or 'all_blocks'")
   parser.add_argument("--k", default="10", help="one k or several, comma-separated")
   parser.add_argument("--tau", type=float, default=0.07)
-  parser.add_argument("--resize", type=int, default=256)
-  parser.add_argument("--crop", type=int, default=224)
+  parser.add_argument("--resize", type=int, default=0,
+                      help="resize the short side to this (default: crop x 256/224)")
+  parser.add_argument("--crop", type=int, default=0,
+                      help="centre crop (default: the checkpoint's image size)")
   parser.add_argument("--batch-size", type=int, default=256)
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                       help="encoder compute dtype (the paper's k-NN ran in bf16)")
   parser.add_argument("--json", default="", help="also write the results to this file")
   parser.add_argument("--num-heads", type=int, default=None,
                       help="attention heads, for timm/MAE files of a width not in the size table")
+  parser.add_argument("--verbose", action="store_true", help="tracebacks for input errors too")
   args = parser.parse_args(argv)
+  return errors.run_main(lambda: evaluate(args), verbose=args.verbose)
+
+
+def evaluate(args):
 
   start = time.time()
-  pretrained = checkpoints.load_pretrained(args.checkpoint, num_heads=args.num_heads)
+  try:
+    ks = [int(k) for k in args.k.split(",")]
+    if min(ks) < 1:
+      raise ValueError(args.k)
+  except ValueError:
+    raise errors.UserError(f"--k {args.k}: give positive integers, e.g. --k 10 or --k 1,10,20"
+                           ) from None
+  try:
+    pretrained = checkpoints.load_pretrained(args.checkpoint, num_heads=args.num_heads)
+  except errors.UserError:
+    raise
+  except (ValueError, OSError, KeyError) as e:
+    first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise errors.UserError(f"--checkpoint {args.checkpoint}: {first_line}") from None
   info = pretrained.info
   print(f"loaded {args.checkpoint}: format {info['format']}, {info['family']} "
         f"{info['size']}, patch {info['patch_size']}, {pretrained.num_params / 1e6:.1f}M params")
@@ -89,16 +118,31 @@ def main(argv=None):
     keys = tuple(f"block{i}_cls" for i in range(depth)) + ("cls",)
   else:
     keys = tuple(k for k in args.features.split(",") if k)
-  apply_fn = functools.partial(encoder.apply, blocks=features.feature_blocks(keys, depth))
-  eval_cfg = dict(resize_size=args.resize, crop_size=args.crop)
+  try:
+    blocks = features.feature_blocks(keys, depth)
+  except ValueError as e:
+    raise errors.UserError(f"--features {args.features}: {e}") from None
+  apply_fn = functools.partial(encoder.apply, blocks=blocks)
+  resize, crop = image_sizes(args, pretrained.vit_kwargs)
+  native = memory.native_image_size(pretrained.vit_kwargs)
+  print(f"images: resize {resize}, crop {crop} px (the checkpoint's size is {native} px)")
+  fix = (f"lower --batch-size or --crop (this checkpoint was trained at {native} px)")
+  memory.check_forward_fits(pretrained.vit_kwargs, args.batch_size, crop, fix)
+  eval_cfg = dict(resize_size=resize, crop_size=crop)
   feats = {}
-  for split, spec in (("train", args.train), ("test", args.test)):
-    source = sources.make_source(source_config(spec, args.crop))
+  split_sources = {split: eval_source(spec, crop, f"--{split}")  # both checked before any work
+                   for split, spec in (("train", args.train), ("test", args.test))}
+  for split, source in split_sources.items():
     batches, num_steps = loader.make_eval_loader(source, eval_cfg, args.batch_size)
     print(f"{split}: {len(source)} images, {num_steps} batches", flush=True)
-    feats[split] = features.extract_features(apply_fn, pretrained.variables, batches,
-                                             feature_keys=keys, depth=depth)
-  ks = [int(k) for k in args.k.split(",")]
+    try:
+      feats[split] = features.extract_features(apply_fn, pretrained.variables, batches,
+                                               feature_keys=keys, depth=depth)
+    except Exception as e:  # pylint: disable=broad-except
+      if not memory.is_out_of_memory(e):
+        raise
+      request = memory.describe_request(pretrained.vit_kwargs, args.batch_size, crop)
+      raise errors.UserError(f"out of device memory for {request}: {fix}") from None
   results = {}
   for key in keys:
     res = knn.knn_accuracy(feats["train"][key], feats["train"]["label"], feats["test"][key],
@@ -110,7 +154,8 @@ def main(argv=None):
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"checkpoint": args.checkpoint, "train": args.train, "test": args.test,
-                 "tau": args.tau, "accuracy": results}, f, indent=1)
+                 "resize": resize, "crop": crop, "tau": args.tau, "accuracy": results}, f,
+                indent=1)
   return results
 
 

@@ -32,6 +32,7 @@ every evaluation) gives exactly num_steps batches on every host, the last padded
 """
 
 import math
+import signal
 from typing import Any
 
 import grain
@@ -63,6 +64,12 @@ def _derived_seed(seed, process_index, purpose):
   return int(np.random.SeedSequence([seed, process_index, purpose]).generate_state(1)[0])
 
 
+def _ignore_sigint(worker_index, worker_count):  # pylint: disable=unused-argument
+  """In Grain workers: Ctrl-C in a terminal signals the whole process group; the trainer, not its
+  workers, decides what to do (save, then stop), so a worker must not die of it."""
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _finish(ds, worker_count, read_threads, read_buffer_size, worker_buffer_size):
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                             prefetch_buffer_size=read_buffer_size))
@@ -73,7 +80,8 @@ def _finish(ds, worker_count, read_threads, read_buffer_size, worker_buffer_size
                          "under absl.app.run(main) or call flags.FLAGS(sys.argv[:1], "
                          "known_only=True) first (or use worker_count=0)")
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
-                                                     per_worker_buffer_size=worker_buffer_size))
+                                                     per_worker_buffer_size=worker_buffer_size),
+                        worker_init_fn=_ignore_sigint)
   return ds
 
 

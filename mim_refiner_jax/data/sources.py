@@ -3,26 +3,34 @@
 Each source has `len()` and `source[i]` (so `grain.MapDataset.source` can wrap it) and yields
   {"image": uint8 [H, W, 3] RGB (grey repeated to 3 channels), "label": int, "index": int}
 where "index" is the dataset index, which the NN queue uses so that a sample never retrieves
-itself (refiner_facts.md section 5). `make_source(cfg)` also wraps the source in `SkipUnreadable`,
+itself (refiner_facts.md section 5). `make_source(spec)` also wraps the source in `SkipUnreadable`,
 which adds "num_skipped" (see there).
 
-cfg (dict or ConfigDict), by `cfg.name`:
-  "tfds":         dataset, split, data_dir=None, image_key="image", label_key="label"
-  "image_folder": root                       (root/<class>/<file>; sorted classes -> labels 0..)
-  "mnist":        split="all", image_size=32, method=None ("pad" / "resize"; see data/mnist.py)
-  "synthetic":    num_examples=64, num_classes=4, image_size=32, seed=0
-  every source:   fail_fast=False
+A source is given as a spec string (the trainer's config.data.train, config.evals.knn.train/test
+and tools/knn_eval.py's --train/--test), in the manner of big_vision's dataset strings:
+  KIND[:ARG[:ARG]][,key=value]...
+  tfds:DATASET:SPLIT      tfds:imagenet2012:train,data_dir=/data/tfds   (also image_key,
+                          label_key; the split may be a tfds slice: train[:10%]; a versioned
+                          dataset: tfds,dataset=imagenet2012:5.1.0,split=train)
+  image_folder:ROOT       image_folder:/data/imagenet/train   (root/<class>/<file>; sorted classes
+                          -> labels 0..; the root takes the rest of the string, colons included)
+  mnist:SPLIT             mnist:train,image_size=32,method=pad   (splits all, train, val)
+  synthetic:N             synthetic:64,num_classes=4,image_size=32,seed=0
+  every kind:             fail_fast=true (stop at the first unreadable image instead of skipping)
+Options follow commas; a path that contains a comma cannot be given this way. A dict (or
+ConfigDict) with "name" and the same arguments works too:
+  {"name": "tfds", "dataset": "imagenet2012", "split": "train", "data_dir": "/data/tfds"}.
 
 ImageNet as tfds ArrayRecord (reading needs no TensorFlow; preparing it once does):
   pip install tensorflow-cpu   # only for this one preparation step; optional otherwise
   # put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (from image-net.org) in /data/manual
   tfds build imagenet2012 --data_dir=/data/tfds --manual_dir=/data/manual \
       --file_format=array_record
-  then cfg = {"name": "tfds", "dataset": "imagenet2012", "split": "train",
-              "data_dir": "/data/tfds"}  (split "validation" for evaluation).
+  then tfds:imagenet2012:train,data_dir=/data/tfds (split validation for evaluation; or set
+  TFDS_DATA_DIR=/data/tfds instead of data_dir).
 Without TensorFlow, the same images in the ImageNet folder layout (train/n01440764/*.JPEG, ...,
-val sorted into class folders) work with "image_folder"; sorted synset folders give the same
-labels as tfds' imagenet2012.
+val sorted into class folders) work with image_folder:/data/imagenet/train; sorted synset folders
+give the same labels as tfds' imagenet2012.
 """
 
 import functools
@@ -32,6 +40,8 @@ from typing import Any
 
 from absl import logging
 import numpy as np
+
+from mim_refiner_jax.errors import UserError
 
 # torchvision's ImageFolder extensions, compared case-insensitively.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -79,7 +89,17 @@ class TfdsSource:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     self.name = f"tfds {dataset}[{split}]"
     self._image_key, self._label_key = image_key, label_key
-    self._source = tfds.data_source(dataset, split=split, data_dir=data_dir)
+    # Never download or prepare here: ImageNet needs a manual download, and a missing dataset
+    # must be an error naming the directory, not an attempt that writes into data_dir.
+    try:
+      self._source = tfds.data_source(dataset, split=split, data_dir=data_dir, download=False)
+    except (NotImplementedError, AssertionError) as e:  # tfds' words for "not prepared here"
+      builder = tfds.builder(dataset, data_dir=data_dir)
+      if builder.is_prepared():
+        raise
+      raise UserError(f"tfds dataset {dataset} is not prepared in {builder.data_dir}: prepare it "
+                      "once (see mim_refiner_jax/data/sources.py) or set data_dir=DIR or "
+                      "$TFDS_DATA_DIR to where it is") from e
 
   def __len__(self) -> int:
     return len(self._source)
@@ -238,21 +258,149 @@ class SkipUnreadable:
 
 _SOURCES = {"tfds": TfdsSource, "image_folder": ImageFolderSource, "mnist": MnistSource,
             "synthetic": SyntheticSource}
+# The arguments a spec gives by position (KIND:ARG:ARG); the last one takes the rest.
+_POSITIONAL = {"tfds": ("dataset", "split"), "image_folder": ("root",), "mnist": ("split",),
+               "synthetic": ("num_examples",)}
+_ALIASES = {"folder": "image_folder", "imagefolder": "image_folder"}
+SPEC_FORMS = ("tfds:DATASET:SPLIT, image_folder:ROOT, mnist:SPLIT or synthetic:N, options as "
+              ",key=value (e.g. tfds:imagenet2012:train,data_dir=/data/tfds)")
 
 
-def make_source(cfg: Any) -> SkipUnreadable:
-  """Builds the source named by cfg["name"] (see the module docstring) wrapped in SkipUnreadable."""
-  if hasattr(cfg, "to_dict"):  # ml_collections.ConfigDict
-    cfg = cfg.to_dict()
-  cfg = dict(cfg)
-  name = cfg.pop("name", None)
-  fail_fast = bool(cfg.pop("fail_fast", False))
+def _parameters(name: str) -> dict:
+  params = dict(inspect.signature(_SOURCES[name]).parameters)
+  params["fail_fast"] = inspect.Parameter("fail_fast", inspect.Parameter.KEYWORD_ONLY,
+                                          default=False)
+  return params
+
+
+def _typed(name: str, key: str, value: str, spec: str):
+  """A spec's string value typed like the source argument's default (int, bool or str)."""
+  default = _parameters(name)[key].default
+  try:
+    if isinstance(default, bool):
+      if value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(value)
+      return value.lower() in ("true", "1")
+    if isinstance(default, int):
+      return int(value)
+  except ValueError:
+    raise UserError(f"source {spec!r}: {key}={value!r} must be "
+                    f"{'true or false' if isinstance(default, bool) else 'an integer'}") from None
+  return value
+
+
+def parse_source_spec(spec: str) -> dict:
+  """`"tfds:imagenet2012:train,data_dir=/d"` -> `{"name": "tfds", "dataset": "imagenet2012",
+  "split": "train", "data_dir": "/d"}` (module docstring); UserError naming the spec if bad."""
+  if not isinstance(spec, str) or not spec.strip():
+    raise UserError(f"empty data source {spec!r}; use {SPEC_FORMS}")
+  head, *options = spec.strip().split(",")
+  name, _, rest = head.partition(":")
+  name = _ALIASES.get(name, name)
   if name not in _SOURCES:
-    raise ValueError(f"unknown data source name {name!r}; choose one of {sorted(_SOURCES)}")
+    raise UserError(f"unknown data source kind {name!r} in {spec!r}; use {SPEC_FORMS}")
+  params = _parameters(name)
+  positional = _POSITIONAL[name]
+  values = rest.split(":", len(positional) - 1) if rest else []
+  cfg = {"name": name}
+  for key, value in zip(positional, values):
+    cfg[key] = _typed(name, key, value, spec)
+  for option in options:
+    key, eq, value = option.partition("=")
+    key = key.strip()
+    if not eq:
+      raise UserError(f"source {spec!r}: option {option!r} is not key=value (options follow "
+                      "commas; a path with a comma cannot be given in a spec)")
+    if key not in params or key == "self":
+      raise UserError(f"source {spec!r}: {name} has no option {key!r}; its options are "
+                      f"{', '.join(params)}")
+    cfg[key] = _typed(name, key, value, spec)
+  missing = [k for k, p in params.items()
+             if p.default is inspect.Parameter.empty and k not in cfg]
+  if missing:
+    raise UserError(f"source {spec!r} lacks {', '.join(missing)}; use {SPEC_FORMS}")
+  return cfg
+
+
+def source_config(spec: Any) -> dict:
+  """A spec string, dict or ConfigDict -> the dict `make_source` builds from."""
+  if isinstance(spec, str):
+    return parse_source_spec(spec)
+  if hasattr(spec, "to_dict"):  # ml_collections.ConfigDict
+    spec = spec.to_dict()
+  # Empty optional strings (e.g. data_dir="" in a config file) mean "not set".
+  return {k: v for k, v in dict(spec).items() if v != ""}
+
+
+def describe_source(cfg: dict) -> str:
+  """The spec string of a source config (for logs and run.json)."""
+  cfg = dict(cfg)
+  name = cfg.pop("name")
+  head = ":".join([name] + [str(cfg.pop(k)) for k in _POSITIONAL.get(name, ()) if k in cfg])
+  return ",".join([head] + [f"{k}={v}" for k, v in cfg.items() if v is not None])
+
+
+def default_eval_sources(train: Any) -> tuple[dict, dict | None]:
+  """k-NN bank and test set that follow the training source (configs say "auto").
+
+  ImageNet from tfds (any split of imagenet2012): the reference's monitor, the 10% train subset
+  and the validation split (refiner_facts.md section 10.1), with the same data_dir and keys;
+  MNIST: the training split and val; synthetic: the same generator and another seed; an image
+  folder .../train: itself and its sibling val/ or validation/ folder if there is one. None for
+  a test set that cannot be derived.
+  """
+  cfg = source_config(train)
+  cfg.pop("fail_fast", None)
+  name = cfg["name"]
+  if name == "tfds" and cfg.get("dataset") == "imagenet2012":
+    return (dict(cfg, dataset="imagenet2012_subset/10pct", split="train"),
+            dict(cfg, split="validation"))
+  if name == "mnist":
+    return cfg, dict(cfg, split="val")
+  if name == "synthetic":
+    return cfg, dict(cfg, seed=cfg.get("seed", 0) + 1)
+  if name == "image_folder":
+    root = os.path.normpath(cfg["root"])
+    if os.path.basename(root) == "train":
+      for sibling in ("val", "validation"):
+        path = os.path.join(os.path.dirname(root), sibling)
+        if os.path.isdir(path):
+          return cfg, dict(cfg, root=path)
+  return cfg, None
+
+
+def make_source(spec: Any, *, where: str = "", fail_fast: bool | None = None) -> SkipUnreadable:
+  """Builds the source a spec string or dict names (module docstring), in SkipUnreadable.
+
+  `where` (e.g. "config.data.train") prefixes error messages; a bad spec or a source that cannot
+  be opened (missing folder, unknown split, missing tfds dataset) raises UserError. `fail_fast`,
+  if given, overrides the spec's.
+  """
+  prefix = f"{where}={spec!r}: " if where and isinstance(spec, str) else (
+      f"{where}: " if where else "")
+  try:
+    cfg = source_config(spec)
+  except UserError as e:
+    raise UserError(f"{prefix}{e}") from None
+  name = cfg.pop("name", None)
+  spec_fail_fast = bool(cfg.pop("fail_fast", False))
+  fail_fast = spec_fail_fast if fail_fast is None else fail_fast
+  if name not in _SOURCES:
+    raise UserError(f"{prefix}unknown data source name {name!r}; choose one of "
+                    f"{sorted(_SOURCES)}")
   cls = _SOURCES[name]
   try:
     inspect.signature(cls).bind(**cfg)
   except TypeError as e:
-    raise ValueError(f"bad config for source {name!r}: {e}; its arguments are "
-                     f"{inspect.signature(cls)} plus fail_fast") from None
-  return SkipUnreadable(cls(**cfg), fail_fast=fail_fast)
+    raise UserError(f"{prefix}bad config for source {name!r}: {e}; its arguments are "
+                    f"{inspect.signature(cls)} plus fail_fast") from None
+  try:
+    source = cls(**cfg)
+  except UserError as e:
+    raise UserError(f"{prefix}{e}") from None
+  except (ValueError, OSError) as e:  # missing folder or dataset, unknown split, ...
+    hint = (" (prepared datasets are read from data_dir=DIR or $TFDS_DATA_DIR; see "
+            "mim_refiner_jax/data/sources.py for preparing ImageNet)" if name == "tfds" else "")
+    first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise UserError(f"{prefix}cannot open the {name} source: {first_line}{hint}") from None
+  return SkipUnreadable(source, fail_fast=fail_fast)
