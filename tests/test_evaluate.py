@@ -265,3 +265,45 @@ def test_evaluate_cli_knn_and_per_block(tmp_path, flax_checkpoint):
                         "--protocols", "knn,nope"])
   with pytest.raises(SystemExit, match="bad source"):
     evaluate_tool.main(["--checkpoint", wd, "--train", "cifar:train", "--test", "synthetic:8"])
+
+
+# ------------------------------------------------------------------------------ train monitor
+
+
+def test_monitor_head_projector0_in_eval_mode():
+  """The monitor's head features are projector.0 = GELU(BN_eval(x W)) of the head's own input
+  (section 10.1), checked against numpy with non-trivial running statistics."""
+  import ml_collections
+  from scipy.special import erf
+  from mim_refiner_jax.evaluation import monitor as monitor_lib
+  from tests import tiny_refiner
+  model = tiny_refiner.make_model()
+  variables = model.init(jax.random.key(0), jnp.zeros((2, 2, 16, 16, 3)))
+  rng = np.random.default_rng(0)
+  stats = jax.tree.map(lambda x: np.asarray(rng.uniform(0.5, 2.0, x.shape), np.float32),
+                       variables["batch_stats"])
+  state = {"params": variables["params"], "buffers": variables["buffers"], "batch_stats": stats}
+  synthetic = dict(name="synthetic", num_examples=24, num_classes=4, image_size=16)
+  cfg = ml_collections.ConfigDict(dict(
+      train=synthetic, test=dict(synthetic, num_examples=13, seed=1), resize_size=16,
+      crop_size=16, batch_size=16, k=3, tau=0.07, features="block1_cls"))
+  monitor = monitor_lib.KnnMonitor(cfg, model, _mesh(8))
+  results = monitor.run(state)
+  assert set(results) == {"knn/block1_cls"} | {f"knn/head/{h.name}/projector0"
+                                                for h in tiny_refiner.HEADS}
+  enc_vars = {"params": variables["params"]["encoder"], "buffers": variables["buffers"]}
+  feats = monitor._features({"encoder": enc_vars, "heads": variables["params"]["heads"],
+                             "batch_stats": stats})["test"]
+  source = sources.make_source(cfg.test.to_dict())
+  images = np.stack([multicrop.EvalTransform(multicrop.EvalConfig.from_config(
+      dict(resize_size=16, crop_size=16)))(source[i])["image"] for i in range(13)])
+  _, aux = model.encoder.apply(enc_vars, images, blocks=(0,))
+  inputs = {"main": aux["cls"], 0: aux["block_cls"][0]}
+  for h in tiny_refiner.HEADS:
+    p = variables["params"]["heads"][h.name]["projector_0"]
+    s = stats[h.name]["projector_0"]["bn"]
+    x = np.asarray(inputs[h.block], np.float64) @ np.asarray(p["dense"]["kernel"], np.float64)
+    x = (x - s["mean"]) / np.sqrt(s["var"] + 1e-5) * p["bn"]["scale"] + p["bn"]["bias"]
+    expected = 0.5 * x * (1 + erf(x / np.sqrt(2)))  # exact GELU
+    np.testing.assert_allclose(feats[f"head/{h.name}/projector0"], expected, atol=1e-4,
+                               rtol=1e-4, err_msg=h.name)

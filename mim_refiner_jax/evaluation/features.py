@@ -17,7 +17,7 @@ The loader yields per-host batches {"image": [b,H,W,3] float32, "label": [b], "i
 "mask" are optional); every host runs the same number of batches (ENGINEERING.md item 11).
 Batches become global arrays sharded on the batch axis; features come back replicated (so every
 process gets all rows) and padding rows are dropped, so every example appears exactly once for
-any device count. `extract_dataset` wraps this for a source spec + eval transform.
+any device count. `dataset_features.dataset_features` wraps this for a source config + eval transform.
 """
 
 import functools
@@ -35,9 +35,12 @@ from mim_refiner_jax.evaluation import pooling
 _PER_ROW = ("label", "index")  # per-row batch entries carried along with the features
 
 
+EXTRA_PREFIX = "head/"  # keys that apply_fn computes itself, returned in aux["extra"]
+
+
 def feature_blocks(feature_keys: Sequence[str], depth: int | None = None) -> tuple[int, ...]:
   """The block indices whose intermediates the keys read (pass as `blocks=` to `ViT.apply`)."""
-  return pooling.key_blocks(feature_keys, depth)
+  return pooling.key_blocks([k for k in feature_keys if not k.startswith(EXTRA_PREFIX)], depth)
 
 
 @functools.lru_cache(maxsize=32)
@@ -58,7 +61,12 @@ def encoder_apply_fn(encoder, feature_keys: tuple[str, ...]):
 
 
 def select_features(out, aux: dict, feature_keys: Sequence[str], depth: int | None = None) -> dict:
-  """Pools the features named by `feature_keys` (float32) from a ViT's `(out, aux)`."""
+  """Pools the features named by `feature_keys` (float32) from a ViT's `(out, aux)`; keys
+  starting with "head/" are taken as they are from aux["extra"] (e.g. the monitor's head
+  outputs)."""
+  extra = {k: aux["extra"][k].astype(jnp.float32) for k in feature_keys
+           if k.startswith(EXTRA_PREFIX)}
+  feature_keys = [k for k in feature_keys if not k.startswith(EXTRA_PREFIX)]
   if "block_tokens" in aux:
     block_tokens = aux["block_tokens"]
   else:  # plain ViT.apply: CLS and mean patch per block only. [B, 2, D] pseudo tokens whose
@@ -75,7 +83,7 @@ def select_features(out, aux: dict, feature_keys: Sequence[str], depth: int | No
       if blocks is not None and pool_name == "patch_tokens":
         raise ValueError(f"feature key {key!r} needs the block's tokens: build apply_fn with "
                          "features.encoder_apply_fn(encoder, keys)")
-  return pooling.pooled_features(feature_keys, out, block_tokens, depth)
+  return {**pooling.pooled_features(feature_keys, out, block_tokens, depth), **extra}
 
 
 @functools.lru_cache(maxsize=16)
