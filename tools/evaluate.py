@@ -46,13 +46,13 @@ def parse_args(argv=None):
                       "cls_patch_mean)), 'last' (last block CLS and mean patch, no final norm: "
                       "the paper's) or 'all_blocks'")
   p.add_argument("--k", default="10", help="k values, comma-separated (one similarity pass); "
-                 "'mim' = the MIM baselines' 1,2,3,5,10,20,30,50,100,200. per_block uses the "
-                 "first")
+                 "'mim' = the MIM baselines' 1,2,3,5,10,20,30,50,100,200")
   p.add_argument("--tau", type=float, default=0.07)
   p.add_argument("--knn-dtype", default="float32", choices=["float32", "bfloat16"],
                  help="k-NN similarity dtype (the paper ran bf16)")
   p.add_argument("--per-block-pooling", default="cls",
                  choices=["cls", "patch_mean", "cls_patch_mean"])
+  p.add_argument("--per-block-k", type=int, default=10, help="k of the per-block k-NN")
   p.add_argument("--per-block-probe", action="store_true",
                  help="also train the probe grid on every block (slow)")
   p.add_argument("--selective-aggregation", action="store_true",
@@ -96,7 +96,8 @@ def options_from_args(args) -> suite.Options:
   return suite.Options(
       train=args.train, test=args.test, protocols=protocols, features=args.features, k=ks,
       tau=args.tau, knn_dtype=args.knn_dtype, per_block_pooling=args.per_block_pooling,
-      per_block_probe=args.per_block_probe, selective_aggregation=args.selective_aggregation,
+      per_block_k=args.per_block_k, per_block_probe=args.per_block_probe,
+      selective_aggregation=args.selective_aggregation,
       lowshot_features=args.lowshot_features, cluster_features=args.cluster_features,
       image_size=args.image_size, resize=args.resize, batch_size=args.batch_size,
       dtype=args.dtype, weights=args.weights, step=args.step,

@@ -187,7 +187,7 @@ class _Lines:
 
   def __init__(self, total, desc):
     self.total, self.desc, self.n, self.start = total, desc, 0, time.time()
-    self.every = max(1, (total or 10) // 10)
+    self.every = max(1, -(-(total or 10) // 10))
 
   def update(self, n=1):
     self.n += n

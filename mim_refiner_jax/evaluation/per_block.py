@@ -56,19 +56,21 @@ def plot(results: dict, path: str):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, ax = plt.subplots(figsize=(7, 4.5))
-  max_depth = 0
+  max_depth = max(len(res["blocks"]) for res in results["checkpoints"].values())
   for n, (name, res) in enumerate(results["checkpoints"].items()):
     colour = f"C{n}"
     blocks = np.arange(len(res["blocks"]))
-    max_depth = max(max_depth, len(blocks))
     ax.plot(blocks, 100 * np.asarray(res["blocks"]), "o-", color=colour, label=f"{name}: k-NN")
+    if "main" in res:  # the main output (after the final norm of pre-norm models), apart
+      ax.plot([max_depth], [100 * res["main"]], "o", color=colour, markerfacecolor="none")
     if res.get("probe_blocks"):
       ax.plot(blocks, 100 * np.asarray(res["probe_blocks"]), "s--", color=colour,
               label=f"{name}: linear probe")
   ax.set_xlabel(f"block (0-based; raw block output, {results['pooling']} pooling, no final norm)")
   ax.set_ylabel(f"top-1 accuracy (%) on {results['num_test']:,} test images")
   ax.set_ylim(0, 100)
-  ax.set_xticks(np.arange(max_depth))
+  ax.set_xticks(np.arange(max_depth + 1),
+                [str(i) for i in range(max_depth)] + ["main\n(final norm)"])
   ax.set_title(f"Accuracy per block: {results['test']}\n(k-NN k={results['k']}, "
                f"tau={results['tau']})", fontsize=10)
   ax.grid(alpha=0.3)

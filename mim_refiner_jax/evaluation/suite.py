@@ -40,6 +40,7 @@ class Options:
   tau: float = knn_lib.DEFAULT_TAU
   knn_dtype: str = "float32"       # similarity dtype; "bfloat16" as the paper's runs
   per_block_pooling: str = "cls"
+  per_block_k: int = knn_lib.DEFAULT_K
   per_block_probe: bool = False
   selective_aggregation: bool = False
   lowshot_features: str = ""       # "" = last block CLS, no norm (section 10.3)
@@ -154,7 +155,7 @@ def evaluate_checkpoint(path: str, opts: Options, mesh=None, log=print) -> dict:
                  accuracy=_run_knn(opts, train, test, depth, mesh))
     elif p == "per_block":
       res = per_block_lib.per_block_knn(train, test, depth, pooling=opts.per_block_pooling,
-                                        k=opts.k[0], tau=opts.tau,
+                                        k=opts.per_block_k, tau=opts.tau,
                                         similarity_dtype=opts.knn_dtype, mesh=mesh)
       if opts.per_block_probe:
         res["probe_blocks"] = per_block_lib.per_block_probe(
@@ -265,8 +266,8 @@ def run(checkpoints: list, opts: Options, *, names: list | None = None, out_dir:
       json.dump(all_results, f, indent=1, default=float)
   if "per_block" in opts.protocols and is_main:
     first = next(iter(all_results.values()))
-    combined = dict(k=opts.k[0], tau=opts.tau, pooling=opts.per_block_pooling, test=opts.test,
-                    num_test=first["num_test"],
+    combined = dict(k=opts.per_block_k, tau=opts.tau, pooling=opts.per_block_pooling,
+                    test=opts.test, num_test=first["num_test"],
                     checkpoints={n: r["protocols"]["per_block"] for n, r in all_results.items()})
     paths = per_block_lib.write(combined, out_dir)
     log(f"per-block plot: {paths[1]}")
