@@ -263,6 +263,9 @@ def test_evaluate_cli_knn_and_per_block(tmp_path, flax_checkpoint):
   with pytest.raises(SystemExit, match="unknown"):
     evaluate_tool.main(["--checkpoint", wd, "--train", "synthetic:8", "--test", "synthetic:8",
                         "--protocols", "knn,nope"])
+  with pytest.raises(SystemExit, match="one vector per image"):
+    evaluate_tool.main(["--checkpoint", wd, "--train", "synthetic:8", "--test", "synthetic:8",
+                        "--features", "block1_patch_tokens", "--out", out])
   with pytest.raises(SystemExit, match="bad source"):
     evaluate_tool.main(["--checkpoint", wd, "--train", "cifar:train", "--test", "synthetic:8"])
 

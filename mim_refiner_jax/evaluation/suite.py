@@ -84,6 +84,9 @@ def needed_keys(opts: Options, depth: int) -> tuple[set, set]:
   for p in opts.protocols:
     if p == "knn":
       keys = set(knn_keys(opts.features, depth))
+      if any(key.endswith("patch_tokens") for key in keys):
+        raise ValueError("k-NN needs one vector per image: patch_tokens keys are for the "
+                         "selective-aggregation probe (--protocols probe --selective-aggregation)")
     elif p == "per_block":
       keys = set(per_block_lib.block_keys(depth, opts.per_block_pooling))
     elif p == "probe":
