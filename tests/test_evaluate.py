@@ -310,3 +310,42 @@ def test_monitor_head_projector0_in_eval_mode():
     expected = 0.5 * x * (1 + erf(x / np.sqrt(2)))  # exact GELU
     np.testing.assert_allclose(feats[f"head/{h.name}/projector0"], expected, atol=1e-4,
                                rtol=1e-4, err_msg=h.name)
+
+
+def test_other_protocols_get_the_right_features(tmp_path, flax_checkpoint, monkeypatch):
+  """probe / lowshot / cluster (evaluation/{probe,lowshot,cluster}.py, another module's work) are
+  called through their interface with the features section 10 names; stand-ins record the calls."""
+  import sys
+  import types
+  import mim_refiner_jax.evaluation as evaluation_pkg
+  calls = {}
+  best = {"best": {"accuracy": 0.5, "feature": "x", "lr": 0.1, "epoch": 1}}
+  fakes = {
+      "probe": dict(linear_probe_grid=lambda tr, ytr, te, yte, **kw: calls.setdefault(
+          "grid", (tr, te, kw)) and best,
+                    selective_aggregation_probe=lambda tr, ytr, te, yte, **kw: calls.setdefault(
+                        "sa", (tr, te)) and best),
+      "lowshot": dict(lowshot_eval=lambda tr, ytr, te, yte, **kw: calls.setdefault(
+          "lowshot", (tr, te)) and {"1shot": {"mean": 0.3}}),
+      "cluster": dict(clustering_eval=lambda x, y, **kw: calls.setdefault(
+          "cluster", (x, y)) and {"best": {"nmi": 0.2}, "mean": {"nmi": 0.1}})}
+  for name, attrs in fakes.items():
+    module = types.SimpleNamespace(**attrs)
+    monkeypatch.setitem(sys.modules, f"mim_refiner_jax.evaluation.{name}", module)
+    monkeypatch.setattr(evaluation_pkg, name, module, raising=False)
+  results = evaluate_tool.main([
+      "--checkpoint", flax_checkpoint, "--train", "synthetic:24", "--test", "synthetic:13:1",
+      "--protocols", "probe,lowshot,cluster", "--selective-aggregation", "--resize", "18",
+      "--batch-size", "16", "--out", str(tmp_path / "out"), "--no-cache", "--no-progress"])
+  train, test, kwargs = calls["grid"]
+  assert set(train) == {"last1_cls", "last1_cls+patch", "last2_cls", "last2_cls+patch"}  # depth 2
+  assert {k: v.shape for k, v in train.items()} == {
+      "last1_cls": (24, 32), "last1_cls+patch": (24, 64), "last2_cls": (24, 64),
+      "last2_cls+patch": (24, 96)}
+  assert test["last1_cls"].shape == (13, 32) and "mesh" in kwargs
+  assert calls["sa"][0].shape == (24, 16, 32) and calls["sa"][1].shape == (13, 16, 32)
+  assert calls["lowshot"][0].shape == (24, 32) and calls["lowshot"][1].shape == (13, 32)
+  assert calls["cluster"][0].shape == (13, 32) and calls["cluster"][1].shape == (13,)
+  protocols = results[next(iter(results))]["protocols"]
+  assert protocols["probe"]["selective_aggregation"]["best"]["accuracy"] == 0.5
+  assert protocols["cluster"]["features"] == "block1_cls"
