@@ -49,8 +49,7 @@ from mim_refiner_jax import train_step as train_step_lib
 from mim_refiner_jax.convert import checkpoints as convert_lib
 from mim_refiner_jax.data import loader as loader_lib
 from mim_refiner_jax.data import sources as sources_lib
-from mim_refiner_jax.evaluation import features as features_lib
-from mim_refiner_jax.evaluation import knn as knn_lib
+from mim_refiner_jax.evaluation import monitor as monitor_lib
 from mim_refiner_jax.models.heads import IDHead
 from mim_refiner_jax.models.refiner import Refiner
 from mim_refiner_jax.models.vit import ViT
@@ -364,39 +363,6 @@ def insert_pretrained(state, shardings, pretrained_variables):
   return state
 
 
-# ------------------------------------------------------------------------------------- evaluation
-class KnnEvaluator:
-  """k-NN accuracy (section 10.1) of encoder features: train subset -> test split."""
-
-  def __init__(self, cfg, encoder: ViT, mesh):
-    self.cfg, self.encoder, self.mesh = cfg, encoder, mesh
-    self.keys = tuple(k for k in cfg.features.split(",") if k)
-    blocks = features_lib.feature_blocks(self.keys, encoder.depth)
-    # One object, so extract_features reuses its compiled function on every call.
-    self.apply_fn = functools.partial(encoder.apply, blocks=blocks)
-    eval_cfg = dict(resize_size=cfg.resize_size, crop_size=cfg.crop_size)
-    self.loaders, sizes = {}, {}
-    for split in ("train", "test"):
-      source = sources_lib.make_source(cfg[split], where=f"config.evals.knn.{split}")
-      sizes[split] = len(source)
-      self.loaders[split] = loader_lib.make_eval_loader(source, eval_cfg, cfg.batch_size)[0]
-    log("k-NN sets: bank %s (%d images), test %s (%d images)", cfg.train, sizes["train"],
-        cfg.test, sizes["test"])
-
-  def run(self, encoder_params, buffers) -> dict:
-    variables = {"params": encoder_params, "buffers": buffers}
-    feats = {split: features_lib.extract_features(
-        self.apply_fn, variables, loader, feature_keys=self.keys, depth=self.encoder.depth,
-        mesh=self.mesh) for split, loader in self.loaders.items()}
-    out = {}
-    for key in self.keys:
-      res = knn_lib.knn_accuracy(feats["train"][key], feats["train"]["label"], feats["test"][key],
-                                 feats["test"]["label"], k=self.cfg.k, tau=self.cfg.tau,
-                                 mesh=self.mesh)
-      out[f"knn/{key}"] = res["accuracy"]
-    return out
-
-
 # ------------------------------------------------------------------------------------------- main
 class WorkdirGuard:
   """Puts the workdir back as this run found it if the run fails before its first step.
@@ -540,12 +506,15 @@ def _train(config, workdir: str, stop_after: int | None, guard: WorkdirGuard):
 
   # -------------------------------------------------------------------------- evaluation
   knn_cfg = config.evals.knn
-  knn = KnnEvaluator(knn_cfg, model.encoder, mesh) if knn_cfg.features else None
+  # Section 10.1: the live encoder and heads while training, also the EMA encoder at the end.
+  knn = monitor_lib.KnnMonitor(knn_cfg, model, mesh) if knn_cfg.features else None
   knn_every = int(round(knn_cfg.every_epochs * steps_per_ep)) if knn_cfg.every_epochs else 0
+  if knn:
+    log("k-NN sets: bank %s (%d images), test %s (%d images)", knn_cfg.train, knn.sizes["train"],
+        knn_cfg.test, knn.sizes["test"])
 
-  def evaluate(state) -> dict:
-    params = state["ema"] if "ema" in state else state["params"]["encoder"]
-    return knn.run(params, state["buffers"]) if knn else {}
+  def evaluate(state, final: bool = False) -> dict:
+    return knn.run(state, with_ema=final) if knn else {}
 
   # -------------------------------------------------------------------------------- loop
   start = int(jax.device_get(state["step"]))
@@ -602,7 +571,7 @@ def _train(config, workdir: str, stop_after: int | None, guard: WorkdirGuard):
     preemption.uninstall()
 
   if step >= total_steps:
-    results = evaluate(state)
+    results = evaluate(state, final=True)
     if results:
       writer.write(step, results)
       last.update(results)

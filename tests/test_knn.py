@@ -87,7 +87,8 @@ def test_matches_numpy_for_several_k(data, eight_device_result):
   for i, k in enumerate(KS):
     assert result["accuracy"][k] == pytest.approx(accuracy[i])
   # Every chunk, the padded last one included, ran through a single compilation.
-  predict = knn._predict_chunk_fn(knn.default_mesh(), KS, TAU, 5, jax.lax.Precision.HIGHEST)
+  predict = knn._predict_chunk_fn(knn.default_mesh(), KS, TAU, 5, jax.lax.Precision.HIGHEST,
+                                  jnp.dtype("float32"))
   assert predict._cache_size() == 1
 
 
@@ -239,6 +240,6 @@ def test_feature_key_errors(tiny_vit):
     feats_lib.feature_blocks(("last4_cls",))
   with pytest.raises(ValueError, match="does not exist"):
     feats_lib.feature_blocks(("block2_cls",), model.depth)
-  _, aux = jax.eval_shape(model.apply, variables, images[:1])  # no blocks requested
+  out, aux = jax.eval_shape(model.apply, variables, images[:1])  # no blocks requested
   with pytest.raises(ValueError, match="did not return"):
-    feats_lib.select_features(aux, ("block1_cls",))
+    feats_lib.select_features(out, aux, ("block1_cls",))

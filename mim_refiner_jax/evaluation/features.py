@@ -1,27 +1,28 @@
-"""Features of any block / pooling over a padded eval loader, on a mesh of any size.
+"""Features of any blocks / poolings over a padded eval loader, on a mesh of any size.
 
-Feature keys (../shared/reference/refiner_facts.md sections 2 and 10):
-  "cls", "patch_mean"        CLS / mean patch token of the main output: after the final LayerNorm
-                             for pre-norm models (probe "last 1", section 10.2);
-  "block{i}_cls",            raw residual stream of block i (0-based, no norm). The paper's k-NN
-  "block{i}_patch_mean"      uses the last block without the final LN: "block{depth-1}_cls";
-  "last{n}_cls",             the CLS (or mean patch) tokens of the last n blocks, concatenated in
-  "last{n}_patch_mean"       block order ("last4_cls", section 10.1); needs `depth`.
+Feature keys are those of `pooling.py`: `[block{i}_|last{n}_](cls|patch_mean|cls_patch_mean|
+patch_tokens)`; without a prefix they read the main output (after the final LayerNorm for pre-norm
+models, section 10.2 "last 1"); "block{i}_*" and "last{n}_*" read raw block outputs (section 10.1:
+the paper's k-NN uses "block{depth-1}_cls").
 
-`apply_fn(variables, images)` returns `(out, aux)` as `ViT.apply` does; it must compute the blocks
-the keys need, e.g. `functools.partial(model.apply, blocks=feature_blocks(keys, model.depth))`.
-The jitted feature function is cached per (apply_fn, keys, depth, mesh): pass the same apply_fn
-object again to reuse the compiled function.
+`apply_fn(variables, images)` returns `(out, aux)` as `ViT.apply` does. `encoder_apply_fn(encoder,
+keys)` builds one that also returns the full token outputs of the blocks the keys read (needed for
+"patch_tokens" and "cls_patch_mean" of a block); `functools.partial(model.apply,
+blocks=feature_blocks(keys, depth))` still works for the cls / patch_mean keys. The jitted feature
+function is cached per (apply_fn, keys, depth, mesh): pass the same apply_fn object again to reuse
+the compiled function (encoder_apply_fn returns the same object for equal arguments).
 
 The loader yields per-host batches {"image": [b,H,W,3] float32, "label": [b], "index": [b],
 "mask": [b] bool} where mask is False on padding rows (`make_eval_loader`; "label", "index" and
 "mask" are optional); every host runs the same number of batches (ENGINEERING.md item 11).
 Batches become global arrays sharded on the batch axis; features come back replicated (so every
-process gets all rows) and padding rows are dropped.
+process gets all rows) and padding rows are dropped, so every example appears exactly once for
+any device count. `dataset_features.dataset_features` wraps this for a source config + eval transform.
 """
 
 import functools
-import re
+import sys
+import time
 from typing import Any, Callable, Iterable, Sequence
 
 import jax
@@ -29,62 +30,67 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from mim_refiner_jax.evaluation import pooling
+
 _PER_ROW = ("label", "index")  # per-row batch entries carried along with the features
-_KEY = re.compile(r"(?:(block)(\d+)_|(last)(\d+)_)?(cls|patch_mean)")
 
 
-def _parse(key: str, depth: int | None) -> tuple[str, tuple[int, ...] | None]:
-  """`key` -> (pooling, blocks); blocks None means the main output."""
-  match = _KEY.fullmatch(key)
-  if not match:
-    raise ValueError(f"unknown feature key {key!r}; use 'cls', 'patch_mean', 'block{{i}}_cls', "
-                     "'block{i}_patch_mean', 'last{n}_cls' or 'last{n}_patch_mean'")
-  block, index, last, count, pooling = match.groups()
-  if block:
-    i = int(index)
-    if depth is not None and i >= depth:
-      raise ValueError(f"feature key {key!r}: block {i} does not exist in a ViT of depth {depth}")
-    return pooling, (i,)
-  if last:
-    n = int(count)
-    if depth is None:
-      raise ValueError(f"feature key {key!r} needs the model depth: pass depth=...")
-    if not 1 <= n <= depth:
-      raise ValueError(f"feature key {key!r}: cannot take the last {n} of {depth} blocks")
-    return pooling, tuple(range(depth - n, depth))
-  return pooling, None
+EXTRA_PREFIX = "head/"  # keys that apply_fn computes itself, returned in aux["extra"]
 
 
 def feature_blocks(feature_keys: Sequence[str], depth: int | None = None) -> tuple[int, ...]:
   """The block indices whose intermediates the keys read (pass as `blocks=` to `ViT.apply`)."""
-  blocks = set()
-  for key in feature_keys:
-    blocks.update(_parse(key, depth)[1] or ())
-  return tuple(sorted(blocks))
+  return pooling.key_blocks([k for k in feature_keys if not k.startswith(EXTRA_PREFIX)], depth)
 
 
-def select_features(aux: dict, feature_keys: Sequence[str], depth: int | None = None) -> dict:
-  """Picks the features named by `feature_keys` out of the ViT's `aux` dict (as float32)."""
-  out = {}
-  for key in feature_keys:
-    pooling, blocks = _parse(key, depth)
-    if blocks is None:
-      out[key] = aux[pooling].astype(jnp.float32)
-      continue
-    per_block = aux[f"block_{pooling}"]
-    missing = [i for i in blocks if i not in per_block]
-    if missing:
-      raise ValueError(f"feature key {key!r} needs blocks {missing}, which apply_fn did not "
-                       f"return; apply the model with blocks=feature_blocks(keys, depth)")
-    out[key] = jnp.concatenate([per_block[i] for i in blocks], axis=-1).astype(jnp.float32)
-  return out
+@functools.lru_cache(maxsize=32)
+def encoder_apply_fn(encoder, feature_keys: tuple[str, ...]):
+  """`(variables, images) -> (out, aux)` with aux["block_tokens"] = {i: [B, 1+T, D]} for the
+  blocks the keys read, captured from the ViT's blocks (jit drops every other intermediate)."""
+  blocks = feature_blocks(feature_keys, encoder.depth)
+  names = {f"blocks_{i}": i for i in blocks}
+
+  def apply(variables, images):
+    (out, aux), state = encoder.apply(
+        variables, images, blocks=blocks, mutable=["intermediates"],
+        capture_intermediates=lambda module, method: method == "__call__" and module.name in names)
+    captured = state["intermediates"]
+    return out, dict(aux, block_tokens={i: captured[n]["__call__"][0] for n, i in names.items()})
+
+  return apply
+
+
+def select_features(out, aux: dict, feature_keys: Sequence[str], depth: int | None = None) -> dict:
+  """Pools the features named by `feature_keys` (float32) from a ViT's `(out, aux)`; keys
+  starting with "head/" are taken as they are from aux["extra"] (e.g. the monitor's head
+  outputs)."""
+  extra = {k: aux["extra"][k].astype(jnp.float32) for k in feature_keys
+           if k.startswith(EXTRA_PREFIX)}
+  feature_keys = [k for k in feature_keys if not k.startswith(EXTRA_PREFIX)]
+  if "block_tokens" in aux:
+    block_tokens = aux["block_tokens"]
+  else:  # plain ViT.apply: CLS and mean patch per block only. [B, 2, D] pseudo tokens whose
+    # "patch mean" is the block's mean patch token serve cls / patch_mean / cls_patch_mean.
+    block_tokens = {i: jnp.stack([aux["block_cls"][i], aux["block_patch_mean"][i]], axis=1)
+                    for i in aux.get("block_cls", {})}
+    for key in feature_keys:
+      pool_name, blocks = pooling.parse_key(key, depth)
+      missing = [i for i in blocks or () if i not in block_tokens]
+      if missing:
+        raise ValueError(f"feature key {key!r} needs blocks {missing}, which apply_fn did not "
+                         f"return; apply the model with blocks=feature_blocks(keys, depth) or "
+                         "use encoder_apply_fn")
+      if blocks is not None and pool_name == "patch_tokens":
+        raise ValueError(f"feature key {key!r} needs the block's tokens: build apply_fn with "
+                         "features.encoder_apply_fn(encoder, keys)")
+  return {**pooling.pooled_features(feature_keys, out, block_tokens, depth), **extra}
 
 
 @functools.lru_cache(maxsize=16)
 def _feature_fn(apply_fn, feature_keys: tuple[str, ...], depth, mesh):
   def features(variables, images, per_row, mask):
-    _, aux = apply_fn(variables, images)
-    return select_features(aux, feature_keys, depth), per_row, mask
+    out, aux = apply_fn(variables, images)
+    return select_features(out, aux, feature_keys, depth), per_row, mask
 
   # Replicated outputs: XLA gathers the (small) features so each process can read every row.
   return jax.jit(features, out_shardings=NamedSharding(mesh, P()))
@@ -111,13 +117,15 @@ def _fetch(x: jax.Array) -> np.ndarray:
 
 def extract_features(apply_fn: Callable[[Any, jax.Array], tuple[Any, dict]], variables,
                      batches: Iterable[dict], *, feature_keys: Sequence[str],
-                     depth: int | None = None, mesh=None) -> dict[str, np.ndarray]:
+                     depth: int | None = None, mesh=None, progress: str | None = None,
+                     num_batches: int | None = None) -> dict[str, np.ndarray]:
   """Runs `apply_fn` over `batches`: `{key: [N, D] float32, "label": [N], "index": [N]}`.
 
   Rows with mask False are dropped; "label" and "index" (dataset index) are returned when the
   batches carry them. Every process returns all N rows, in global batch order (batch by batch,
   process by process), which with several hosts is not dataset order: use "index" to reorder.
-  `depth` is needed for the "last{n}_*" keys.
+  `depth` is needed for the "last{n}_*" keys. `progress` (a description) shows a progress bar
+  on process 0 (tqdm) over `num_batches`.
   """
   feature_keys = tuple(feature_keys)
   if not feature_keys:
@@ -143,6 +151,7 @@ def extract_features(apply_fn: Callable[[Any, jax.Array], tuple[Any, dict]], var
       collected[key].append(values[keep])
 
   pending = None
+  bar = progress_bar(num_batches, progress) if progress else None
   for batch in batches:
     images = np.asarray(jax.device_get(batch["image"]), np.float32)
     b = len(images)
@@ -162,8 +171,43 @@ def extract_features(apply_fn: Callable[[Any, jax.Array], tuple[Any, dict]], var
     if pending is not None:  # fetch the previous batch while this one computes
       consume(pending)
     pending = outputs
+    if bar is not None:
+      bar.update(1)
+  if bar is not None:
+    bar.close()
   if pending is None:
     raise ValueError("the eval loader yielded no batches")
   consume(pending)
 
   return {key: np.concatenate(collected[key]) for key in feature_keys + per_row_keys}
+
+
+class _Lines:
+  """Progress as plain lines (no tqdm, or not a terminal): about ten lines per loop."""
+
+  def __init__(self, total, desc):
+    self.total, self.desc, self.n, self.start = total, desc, 0, time.time()
+    self.every = max(1, -(-(total or 10) // 10))
+
+  def update(self, n=1):
+    self.n += n
+    if self.n % self.every == 0 or self.n == self.total:
+      of = f"/{self.total}" if self.total else ""
+      print(f"{self.desc}: {self.n}{of} ({time.time() - self.start:.0f} s)", file=sys.stderr,
+            flush=True)
+
+  def close(self):
+    pass
+
+
+def progress_bar(total: int | None, desc: str):
+  """A tqdm bar on process 0 when stderr is a terminal, else progress lines; None elsewhere."""
+  if jax.process_index() != 0:
+    return None
+  try:
+    import tqdm  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return _Lines(total, desc)
+  if not sys.stderr.isatty():
+    return _Lines(total, desc)
+  return tqdm.tqdm(total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
