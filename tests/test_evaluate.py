@@ -239,13 +239,13 @@ def test_per_block_writes_json_and_png(tmp_path):
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_evaluate_cli_knn_and_per_block(tmp_path, flax_checkpoint):
+def test_evaluate_cli_knn_and_per_block(tmp_path, flax_checkpoint, capsys):
   wd = str(tmp_path / "wd")
   _fake_workdir(wd, ema=True)
   out = str(tmp_path / "eval")
   results = evaluate_tool.main([
       "--checkpoint", wd, "--checkpoint", flax_checkpoint, "--name", "refined", "--name", "mae",
-      "--train", "synthetic:64", "--test", "synthetic:37:1", "--protocols", "knn,per_block",
+      "--train", "synthetic:64", "--test", "synthetic:37,seed=1", "--protocols", "knn,per_block",
       "--k", "1,5", "--resize", "18", "--batch-size", "16", "--out", out,
       "--cache-dir", str(tmp_path / "cache"), "--no-progress"])
   assert set(results) == {"refined", "mae"}
@@ -260,14 +260,16 @@ def test_evaluate_cli_knn_and_per_block(tmp_path, flax_checkpoint):
     record = json.loads(f.readlines()[-1])
   assert record["step"] == 5 and "eval/knn/block1_cls/k5" in record
   assert os.listdir(os.path.join(wd, "tb"))
-  with pytest.raises(SystemExit, match="unknown"):
-    evaluate_tool.main(["--checkpoint", wd, "--train", "synthetic:8", "--test", "synthetic:8",
-                        "--protocols", "knn,nope"])
-  with pytest.raises(SystemExit, match="one vector per image"):
-    evaluate_tool.main(["--checkpoint", wd, "--train", "synthetic:8", "--test", "synthetic:8",
-                        "--features", "block1_patch_tokens", "--out", out])
-  with pytest.raises(SystemExit, match="bad source"):
-    evaluate_tool.main(["--checkpoint", wd, "--train", "cifar:train", "--test", "synthetic:8"])
+  for argv, message in (
+      (["--protocols", "knn,nope"], "unknown"),
+      (["--features", "block1_patch_tokens", "--out", out], "one vector per image"),
+      (["--train", "cifar:train"], "unknown data source kind 'cifar'")):
+    base = {"--checkpoint": wd, "--train": "synthetic:8", "--test": "synthetic:8"}
+    base.update(dict(zip(argv[::2], argv[1::2])))
+    with pytest.raises(SystemExit) as exit_info:
+      evaluate_tool.main([x for kv in base.items() for x in kv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------ train monitor
@@ -334,7 +336,7 @@ def test_other_protocols_get_the_right_features(tmp_path, flax_checkpoint, monke
     monkeypatch.setitem(sys.modules, f"mim_refiner_jax.evaluation.{name}", module)
     monkeypatch.setattr(evaluation_pkg, name, module, raising=False)
   results = evaluate_tool.main([
-      "--checkpoint", flax_checkpoint, "--train", "synthetic:24", "--test", "synthetic:13:1",
+      "--checkpoint", flax_checkpoint, "--train", "synthetic:24", "--test", "synthetic:13,seed=1",
       "--protocols", "probe,lowshot,cluster", "--selective-aggregation", "--resize", "18",
       "--batch-size", "16", "--out", str(tmp_path / "out"), "--no-cache", "--no-progress"])
   train, test, kwargs = calls["grid"]

@@ -14,8 +14,9 @@ Several --checkpoint flags share the per-block plot's axes.
       --resize 32 --protocols knn,per_block --k 1,10,20 --out workdirs/demo/evaluation
 
 Protocols: knn, per_block, probe, lowshot, cluster (the last three come from
-evaluation/{probe,lowshot,cluster}.py). Sources: tfds:DATASET:SPLIT[:DATA_DIR], folder:ROOT,
-mnist:SPLIT, synthetic:N[:SEED]. The eval view resizes the short side and centre-crops to the
+evaluation/{probe,lowshot,cluster}.py). Sources: the spec strings of data/sources.py,
+tfds:DATASET:SPLIT, image_folder:ROOT, mnist:SPLIT, synthetic:N, with options after commas
+(tfds:imagenet2012:validation,data_dir=/data/tfds). The eval view resizes the short side and centre-crops to the
 checkpoint's resolution (patch size x position grid) unless --image-size is given. Features are
 cached (--cache-dir); results go to OUT/results.json (default: WORKDIR/evaluation for a workdir,
 else CHECKPOINT.eval/), with TensorBoard scalars "eval/..." in a workdir.
@@ -29,6 +30,7 @@ import sys
 # Runs as `python tools/evaluate.py` from the repository root without installing the package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from mim_refiner_jax import errors  # noqa: E402
 from mim_refiner_jax.evaluation import suite  # noqa: E402
 
 
@@ -74,6 +76,7 @@ def parse_args(argv=None):
                  help=f"feature cache (default WORKDIR/feature_cache or {suite.DEFAULT_CACHE})")
   p.add_argument("--no-cache", action="store_true")
   p.add_argument("--out", default=None, help="output directory for results.json and plots")
+  p.add_argument("--verbose", action="store_true", help="tracebacks for input errors too")
   p.add_argument("--no-progress", action="store_true")
   return p.parse_args(argv)
 
@@ -108,14 +111,22 @@ def main(argv=None):
   args = parse_args(argv)
   if args.name and len(args.name) != len(args.checkpoint):
     sys.exit("error: give one --name per --checkpoint (or none)")
-  try:
+
+  def run():
+    try:
+      return _run()
+    except ValueError as e:  # the suite's checks of options and keys are user mistakes
+      raise errors.UserError(str(e)) from e
+
+  def _run():
     opts = options_from_args(args)
     # The source specs are checked before any checkpoint is loaded.
     for spec in (args.train, args.test):
       suite.dataset_lib.source_config(spec)
     return suite.run(args.checkpoint, opts, names=args.name, out_dir=args.out)
-  except (ValueError, FileNotFoundError) as e:  # user mistakes: one line, no traceback
-    sys.exit(f"error: {e}")
+
+  # User mistakes (UserError, ValueError, missing files): one line, no traceback.
+  return errors.run_main(run, verbose=args.verbose)
 
 
 if __name__ == "__main__":

@@ -25,33 +25,24 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from mim_refiner_jax.data import sources
 from mim_refiner_jax.evaluation import features as features_lib
 
 EVAL_RESIZE_RATIO = 256 / 224  # the reference's eval view: resize 256, crop 224 (section 10)
 CACHE_VERSION = 1
 
 
-def source_config(spec: str, image_size: int | None = None) -> dict:
-  """`tfds:DATASET:SPLIT[:DATA_DIR]`, `folder:ROOT`, `mnist:SPLIT`, `synthetic:N[:SEED]` -> config
-  dict for `sources.make_source` (mnist / synthetic images are made at `image_size`)."""
-  kind, _, rest = spec.partition(":")
-  parts = rest.split(":") if rest else []
-  if kind == "tfds" and len(parts) in (2, 3):
-    cfg = dict(name="tfds", dataset=parts[0], split=parts[1])
-    if len(parts) == 3:
-      cfg["data_dir"] = parts[2]
-    return cfg
-  if kind == "folder" and len(parts) == 1:
-    return dict(name="image_folder", root=os.path.abspath(parts[0]))
-  if kind == "mnist" and len(parts) == 1:
-    return dict(name="mnist", split=parts[0], image_size=image_size or 32)
-  if kind == "synthetic" and len(parts) in (1, 2) and all(p.isdigit() for p in parts):
-    cfg = dict(name="synthetic", num_examples=int(parts[0]), image_size=image_size or 32)
-    if len(parts) == 2:
-      cfg["seed"] = int(parts[1])
-    return cfg
-  raise ValueError(f"bad source {spec!r}: use tfds:DATASET:SPLIT[:DATA_DIR], folder:ROOT, "
-                   "mnist:SPLIT or synthetic:N[:SEED]")
+def source_config(spec, image_size: int | None = None) -> dict:
+  """A source spec (data/sources.py: `tfds:DATASET:SPLIT`, `image_folder:ROOT`, `mnist:SPLIT`,
+  `synthetic:N`, options after commas) -> the config dict `sources.make_source` takes, with MNIST
+  and synthetic images made at `image_size` unless the spec says otherwise, and folder roots
+  absolute (the cache key must not depend on the working directory)."""
+  cfg = sources.source_config(spec)
+  if cfg["name"] in ("mnist", "synthetic") and image_size and "image_size" not in cfg:
+    cfg["image_size"] = int(image_size)
+  if cfg["name"] == "image_folder":
+    cfg["root"] = os.path.abspath(cfg["root"])
+  return cfg
 
 
 def eval_transform(image_size: int, resize_size: int | None = None) -> dict:
@@ -99,7 +90,7 @@ def dataset_features(encoder, source_cfg: dict, keys: Sequence[str], *,
                      progress: str | None = None, worker_count: int = 0) -> dict:
   """Features of every example of `source_cfg` (module docstring); `encoder` is an
   `encoders.Encoder`. `transform` defaults to `eval_transform(encoder.image_size)`."""
-  from mim_refiner_jax.data import loader, sources  # pylint: disable=g-import-not-at-top
+  from mim_refiner_jax.data import loader  # pylint: disable=g-import-not-at-top
   from mim_refiner_jax.models.vit import ViT  # pylint: disable=g-import-not-at-top
   keys = tuple(dict.fromkeys(keys))
   if not keys:
