@@ -368,3 +368,53 @@ def lowshot_eval(train_feats, train_labels, test_feats, test_labels, *,
   return dict(settings=results, lambda_times_n=float(lambda_times_n), solver=solver,
               preprocess_test=bool(preprocess_test), num_test=int(len(test_x)),
               max_iter=int(max_iter), tol=float(tol))
+
+
+def synthetic_features(n: int, dim: int, num_classes: int, seed: int = 0, noise: float = 2.0):
+  """Gaussian clusters, `n` rows spread evenly over the classes (benchmarks and tests)."""
+  rng = np.random.default_rng(seed)
+  centres = rng.standard_normal((num_classes, dim)).astype(np.float32)
+  labels = np.arange(n) % num_classes
+  x = centres[labels] + noise * rng.standard_normal((n, dim), dtype=np.float32)
+  return x, labels
+
+
+def benchmark_solvers(n: int, dim: int, num_classes: int, *, sklearn_iters: int = 100,
+                      seed: int = 0, mesh=None) -> dict:
+  """Time to the same relative duality gap: scikit-learn first (`sklearn_iters` L-BFGS
+  iterations, one warm-start chunk, no restarts), then the JAX solver with that gap as tol.
+
+  The JAX time excludes compilation, reported separately (a compile is paid once per shape
+  bucket). Used by tools/bench_lowshot.py.
+  """
+  from sklearn.linear_model import LogisticRegression  # pylint: disable=g-import-not-at-top
+  x, y = synthetic_features(n, dim, num_classes, seed)
+  x = cyanure_preprocess(x)
+  lambd = LAMBDA_TIMES_N / n
+  start = time.perf_counter()
+  clf = LogisticRegression(C=sklearn_c(lambd, n), fit_intercept=False, solver="lbfgs",
+                           max_iter=sklearn_iters, tol=0.0)
+  import warnings  # pylint: disable=g-import-not-at-top
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    clf.fit(x, y)
+  sk_seconds = time.perf_counter() - start
+  w_sk = clf.coef_.T.astype(np.float32)
+  sk_gap = relative_gap(w_sk, x, y, lambd)
+
+  mesh = mesh or knn.default_mesh()
+  start = time.perf_counter()
+  fit_logreg(x, y, lambd=lambd, num_classes=num_classes, solver="jax", max_iter=1, tol=sk_gap,
+             mesh=mesh)  # compiles this bucket (max_iter and tol are static: compile again below)
+  first_call = time.perf_counter() - start
+  fit_logreg(x, y, lambd=lambd, num_classes=num_classes, solver="jax", max_iter=sklearn_iters * 4,
+             tol=sk_gap, mesh=mesh)  # compile for these settings
+  jax_fit = fit_logreg(x, y, lambd=lambd, num_classes=num_classes, solver="jax",
+                       max_iter=sklearn_iters * 4, tol=sk_gap, mesh=mesh)
+  return dict(n=n, dim=dim, num_classes=num_classes, lambd=lambd,
+              sklearn=dict(seconds=round(sk_seconds, 2), iterations=int(np.max(clf.n_iter_)),
+                           relative_gap=sk_gap, objective=objective(w_sk, x, y, lambd)),
+              jax=dict(seconds=round(jax_fit["seconds"], 2), iterations=jax_fit["iterations"],
+                       relative_gap=jax_fit["relative_gap"], objective=jax_fit["objective"],
+                       first_call_seconds=round(first_call, 2)),
+              devices=f"{mesh.size} x {mesh.devices.flat[0].device_kind}")
