@@ -119,8 +119,8 @@ def duality_gap(value, grad, w, probs, valid, lambd):
 
 
 @functools.lru_cache(maxsize=None)
-def _lbfgs_fn(mesh, num_classes: int, max_iter: int, tol: float, check_every: int):
-  """Jitted (x [N, D] row-sharded, y, valid, lambda) -> (W [D, C], value, iterations, gap).
+def _lbfgs_fn(mesh, num_classes: int, check_every: int):
+  """Jitted (x [N, D] row-sharded, y, valid, lambda, max_iter, tol) -> (W, value, iters, gap).
 
   L-BFGS until the relative duality gap (P - D) / P <= tol, checked every `check_every`
   iterations as cyanure does (`it0`), or `max_iter` iterations.
@@ -129,7 +129,7 @@ def _lbfgs_fn(mesh, num_classes: int, max_iter: int, tol: float, check_every: in
   rows, replicated = NamedSharding(mesh, P(axes)), NamedSharding(mesh, P())
   hi = jax.lax.Precision.HIGHEST
 
-  def fit(x, y, valid, lambd):
+  def fit(x, y, valid, lambd, max_iter, tol):  # scalars traced: one compile per shape
     n = jnp.sum(valid).astype(jnp.float32)
 
     def fun(w):
@@ -163,7 +163,8 @@ def _lbfgs_fn(mesh, num_classes: int, max_iter: int, tol: float, check_every: in
     w, state, _ = jax.lax.while_loop(keep_going, step, (w0, opt.init(w0), jnp.float32(jnp.inf)))
     return w, fun(w), optax.tree_utils.tree_get(state, "count"), relative_gap(w)
 
-  return jax.jit(fit, in_shardings=(rows, rows, rows, replicated), out_shardings=replicated)
+  return jax.jit(fit, in_shardings=(rows, rows, rows) + (replicated,) * 3,
+                 out_shardings=replicated)
 
 
 def _bucket(n: int, n_dev: int) -> int:
@@ -191,9 +192,10 @@ def fit_logreg(x: np.ndarray, y: np.ndarray, *, lambd: float, num_classes: int |
     pad = _bucket(n, mesh.size) - n  # masked rows: no loss, no gradient
     rows = NamedSharding(mesh, P(tuple(mesh.axis_names)))
     put = knn._global_array  # pylint: disable=protected-access
-    w, _, iters, gap = _lbfgs_fn(mesh, num_classes, int(max_iter), float(tol), CHECK_EVERY)(
+    w, _, iters, gap = _lbfgs_fn(mesh, num_classes, CHECK_EVERY)(
         put(np.pad(x, ((0, pad), (0, 0))), rows), put(np.pad(y.astype(np.int32), (0, pad)), rows),
-        put(np.arange(n + pad) < n, rows), jnp.float32(lambd))
+        put(np.arange(n + pad) < n, rows), np.float32(lambd), np.int32(max_iter),
+        np.float32(tol))
     w = np.asarray(jax.device_get(w.addressable_data(0)))
     iters = int(iters.addressable_data(0))
     gap = float(gap.addressable_data(0))
@@ -405,10 +407,8 @@ def benchmark_solvers(n: int, dim: int, num_classes: int, *, sklearn_iters: int 
   mesh = mesh or knn.default_mesh()
   start = time.perf_counter()
   fit_logreg(x, y, lambd=lambd, num_classes=num_classes, solver="jax", max_iter=1, tol=sk_gap,
-             mesh=mesh)  # compiles this bucket (max_iter and tol are static: compile again below)
+             mesh=mesh)  # compiles this shape bucket
   first_call = time.perf_counter() - start
-  fit_logreg(x, y, lambd=lambd, num_classes=num_classes, solver="jax", max_iter=sklearn_iters * 4,
-             tol=sk_gap, mesh=mesh)  # compile for these settings
   jax_fit = fit_logreg(x, y, lambd=lambd, num_classes=num_classes, solver="jax",
                        max_iter=sklearn_iters * 4, tol=sk_gap, mesh=mesh)
   return dict(n=n, dim=dim, num_classes=num_classes, lambd=lambd,
