@@ -91,12 +91,20 @@ def _sq_dists(x, sqnorm, centres):
   return jnp.maximum(d, 0.0)
 
 
+def _row_gumbel(key, n: int, trials: int | None = None):
+  """Gumbel noise keyed by row index, so padding (which depends on the device count) does not
+  change the draws of the real rows: [n] or [trials, n]."""
+  shape = () if trials is None else (trials,)
+  noise = jax.vmap(lambda i: jax.random.gumbel(jax.random.fold_in(key, i), shape))(jnp.arange(n))
+  return noise if trials is None else noise.T
+
+
 def kmeans_plusplus(x, valid, key, num_clusters: int):
   """Greedy k-means++ (scikit-learn's `_kmeans_plusplus`) on the valid rows of x -> [k, D]."""
   n, trials = x.shape[0], 2 + int(math.log(num_clusters))
   sqnorm = jnp.sum(x * x, axis=1)
   key_first, key_rest = jax.random.split(key)
-  first = jnp.argmax(jnp.where(valid, jax.random.gumbel(key_first, (n,)), -jnp.inf))
+  first = jnp.argmax(jnp.where(valid, _row_gumbel(key_first, n), -jnp.inf))
   centres = jnp.zeros((num_clusters, x.shape[1]), x.dtype).at[0].set(x[first])
   d2 = jnp.where(valid, _sq_dists(x, sqnorm, x[first][None])[:, 0], 0.0)
 
@@ -104,7 +112,7 @@ def kmeans_plusplus(x, valid, key, num_clusters: int):
     centres, d2 = carry
     # `trials` rows drawn with probability d2 / sum(d2) (Gumbel-max; chosen rows have d2 = 0).
     logits = jnp.where(d2 > 0, jnp.log(jnp.where(d2 > 0, d2, 1.0)), -jnp.inf)
-    gumbel = jax.random.gumbel(jax.random.fold_in(key_rest, i), (trials, n))
+    gumbel = _row_gumbel(jax.random.fold_in(key_rest, i), n, trials)
     candidates = jnp.argmax(logits[None] + gumbel, axis=1)  # [trials]
     cand_d2 = jnp.minimum(d2[None], _sq_dists(x, sqnorm, x[candidates]).T)  # [trials, N]
     cand_d2 = jnp.where(valid[None], cand_d2, 0.0)
