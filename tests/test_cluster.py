@@ -1,6 +1,7 @@
 """k-means and clustering metrics (refiner_facts.md 10.3) against scikit-learn and scipy."""
 
 import itertools
+import json
 
 import jax
 import numpy as np
@@ -73,6 +74,7 @@ def test_clustering_eval_best_and_mean(blobs):
   out = cluster.clustering_eval(x * 5.0, y, restarts=3, progress=False)  # scale: L2-normalised
   inertias = [r["inertia"] for r in out["runs"]]
   assert out["best"]["inertia"] == min(inertias) and out["num_clusters"] == 4
+  json.dumps(out)  # plain Python values only
   assert out["mean"]["acc"] == pytest.approx(np.mean([r["acc"] for r in out["runs"]]))
   assert out["best"]["acc"] > 0.9  # separated blobs
   mini = cluster.clustering_eval(x, y, restarts=2, algorithm="minibatch", batch_size=64,

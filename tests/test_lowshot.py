@@ -4,6 +4,7 @@ cyanure's objective (1/n) sum CE + lambda/2 ||W||^2 maps onto scikit-learn's C =
 on-device L-BFGS must give scikit-learn's predictions and log-loss on the same data.
 """
 
+import json
 import os
 
 import jax
@@ -117,6 +118,7 @@ def test_lowshot_eval_reports_mean_and_spread(data):
   out = lowshot.lowshot_eval(x, y, test_x, test_y, shots=(1, 5), percents=(10.0,),
                              progress=False)
   assert set(out["settings"]) == {"1shot", "5shot", "10percent"}
+  json.dumps(out)  # plain Python values only
   for entry in out["settings"].values():
     assert len(entry["accuracies"]) == 3
     assert entry["mean"] == pytest.approx(np.mean(entry["accuracies"]))

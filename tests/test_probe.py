@@ -5,6 +5,7 @@ with BatchNorm1d(affine=False) -> Linear on the same batches and init; selective
 forward against a torch transcription of AbMILP -> BatchNorm1d(affine=False, eps 1e-6) -> Linear.
 """
 
+import json
 import math
 
 import jax
@@ -145,6 +146,7 @@ def test_grid_8_devices_equal_1_and_selective_aggregation_trains(small_problem):
   r8 = probe.linear_probe_grid(train, train_y, test, test_y, **kwargs)
   r1 = probe.linear_probe_grid(train, train_y, test, test_y, mesh=one, **kwargs)
   assert r8["best"] == r1["best"] and r8["features"] == r1["features"]
+  json.dumps(r8)  # plain Python values only
   assert r8["best"]["accuracy"] > 0.8  # well-separated clusters
   assert set(r8["best"]) == {"accuracy", "feature", "lr", "epoch"}
   assert r8["steps"] == 2 * (200 // 64) and r8["warmup_steps"] == int(0.1 * r8["steps"])
@@ -162,3 +164,30 @@ def test_bad_inputs_are_named(small_problem):
                                       progress=False)
   with pytest.raises(ValueError, match="optimizer"):
     probe.linear_probe_grid(train, train_y, test, test_y, optimizer="adam", progress=False)
+
+
+def test_lars_update_matches_mae_lars():
+  """optimizer="lars": MAE's util/lars.py step (wd 0) per head, transcribed in torch."""
+  rng = np.random.default_rng(3)
+  params = dict(kernel=rng.normal(size=(2, 4, 3)), bias=rng.normal(size=(2, 3)))
+  grads = [dict(kernel=rng.normal(size=(2, 4, 3)), bias=rng.normal(size=(2, 3)))
+           for _ in range(3)]
+  lr = np.asarray([0.1, 0.5])
+  p, buf = params, jax.tree.map(np.zeros_like, params)
+  for g in grads:
+    p, buf = probe.sgd_update(p, buf, g, lr, num_head_dims=1, optimizer="lars")
+  for h in range(2):
+    ps = [torch.tensor(params["kernel"][h]), torch.tensor(params["bias"][h])]
+    mus = [torch.zeros_like(t) for t in ps]
+    for g in grads:
+      for t, mu, dp in zip(ps, mus, [torch.tensor(g["kernel"][h]), torch.tensor(g["bias"][h])]):
+        if t.ndim > 1:  # MAE LARS: trust ratio on matrices only
+          param_norm, update_norm = torch.norm(t), torch.norm(dp)
+          one = torch.ones_like(param_norm)
+          q = torch.where(param_norm > 0., torch.where(update_norm > 0,
+                                                       0.001 * param_norm / update_norm, one), one)
+          dp = dp.mul(q)
+        mu.mul_(0.9).add_(dp)
+        t.add_(mu, alpha=-lr[h])
+    np.testing.assert_allclose(np.asarray(p["kernel"][h]), ps[0].numpy(), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(p["bias"][h]), ps[1].numpy(), rtol=1e-5)

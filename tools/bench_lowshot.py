@@ -23,10 +23,13 @@ def main(argv=None):
   parser.add_argument("--dim", type=int, default=1024)
   parser.add_argument("--classes", type=int, default=1000)
   parser.add_argument("--sklearn-iters", type=int, default=100)
+  parser.add_argument("--noise", type=float, default=2.0,
+                      help="cluster noise of the synthetic features (larger: harder problem)")
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
   result = lowshot.benchmark_solvers(args.n, args.dim, args.classes,
-                                     sklearn_iters=args.sklearn_iters, seed=args.seed)
+                                     sklearn_iters=args.sklearn_iters, noise=args.noise,
+                                     seed=args.seed)
   print(json.dumps(result, indent=1))
   return result
 
