@@ -24,7 +24,8 @@ Solvers (both minimise exactly the objective above):
     sharded over the mesh (padded to a power-of-two bucket and masked, so few compiles);
   - "sklearn": `LogisticRegression(C=1/(lambda n), fit_intercept=False, solver="lbfgs")`.
   Both stop as cyanure does: relative duality gap (P - D) / P <= tol = 1e-3 (`duality_gap`), or
-  max_iter iterations.
+  max_iter iterations. The JAX solver checks the gap in fp32 on the device every 10 iterations:
+  tolerances below ~1e-5 are below its resolution.
   The default is "jax": tools/bench_lowshot.py measured it faster than scikit-learn on this 2-core
   machine at 1% of ImageNet size (numbers in the module's report / README), and on an accelerator
   its matmuls run on the device, which scikit-learn cannot.
@@ -35,7 +36,8 @@ split files are given. With `split_dir`, MSN's files are read (`facebookresearch
 `imagenet_subsets{1,2,3}/{1,2,5}imgs_class.txt`, `1percent.txt`: one image file name per line,
 e.g. `n01440764_10026.JPEG`): file names are matched to `train_names` by base name; lines that
 are integers are train-row indices. `split_dir` holds the files directly (one split) or one
-sub-directory per split (e.g. MSN's `imagenet_subsets1..3`).
+sub-directory per split (e.g. MSN's `imagenet_subsets1..3`; its third set names the 5-shot file
+`3imgs_class.txt` although it lists 5 images per class: rename it `5imgs_class.txt`).
 
 Defaults: the reference's lambda, preprocessing and tolerance; max_iter=1000 L-BFGS iterations
 (cyanure: 300 epochs of its incremental solver). On MNIST-sized data (4,000 x 96, 10 classes) the
