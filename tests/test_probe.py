@@ -83,7 +83,7 @@ def test_grid_heads_follow_torch_sgd():
 
 
 def torch_selective_aggregation(tokens, score_w, score_b, kernel, bias, mean, var, train):
-  """beyond_cls_facts section 1: AbMILP(depth 1) -> BatchNorm1d(affine=False, eps=1e-6) -> Linear."""
+  """beyond_cls_facts section 1: AbMILP(depth 1) -> BN1d(affine=False, eps=1e-6) -> Linear."""
   d, c = kernel.shape
   scorer = torch.nn.Linear(d, 1)
   bn = torch.nn.BatchNorm1d(d, affine=False, eps=1e-6)

@@ -51,6 +51,7 @@ SILHOUETTE_SAMPLE = 10_000
 MINIBATCH_SIZE = 1024     # scikit-learn MiniBatchKMeans default
 MINIBATCH_EPOCHS = 10
 HI = jax.lax.Precision.HIGHEST
+_put = knn._global_array  # pylint: disable=protected-access  (host array -> global array)
 
 
 # ---------------------------------------------------------------------------------- metrics
@@ -207,9 +208,8 @@ def _put_rows(mesh, x: np.ndarray, n_rows: int):
   """Host rows -> (x, valid) padded to `n_rows` (a multiple of the mesh size), row-sharded."""
   rows = NamedSharding(mesh, P(tuple(mesh.axis_names)))
   pad = n_rows - len(x)
-  put = knn._global_array  # pylint: disable=protected-access
-  return (put(np.pad(x.astype(np.float32), ((0, pad), (0, 0))), rows),
-          put(np.arange(n_rows) < len(x), rows))
+  return (_put(np.pad(x.astype(np.float32), ((0, pad), (0, 0))), rows),
+          _put(np.arange(n_rows) < len(x), rows))
 
 
 def _fetch(a) -> np.ndarray:
@@ -253,7 +253,7 @@ def kmeans(feats: np.ndarray, num_clusters: int, *, restarts: int = DEFAULT_REST
     subset = rng.choice(n, min(n, init_rows), replace=False)
     centres = init_fn(*_put_rows(mesh, feats[subset], init_rows),
                       jax.random.fold_in(jax.random.key(seed), r))
-    counts = knn._global_array(np.zeros(num_clusters, np.float32), replicated)  # pylint: disable=protected-access
+    counts = _put(np.zeros(num_clusters, np.float32), replicated)
     for _ in range(max(1, epochs * n // batch)):
       centres, counts = update_fn(centres, counts,
                                   *_put_rows(mesh, feats[rng.choice(n, batch, replace=False)],

@@ -68,6 +68,7 @@ DEFAULT_TOL = 1e-3         # relative duality gap, as cyanure's tol (offline_log
 CHECK_EVERY = 10           # gap checked every 10 iterations (cyanure's it0=10, in epochs)
 SKLEARN_CHUNK = 50
 NORM_EPS = 1e-10           # cyanure leaves rows with norm <= 1e-10 (it re-draws them at random)
+_check_labels = knn._check_labels  # pylint: disable=protected-access  (shared input checks)
 
 
 def cyanure_preprocess(x: np.ndarray) -> np.ndarray:
@@ -329,8 +330,8 @@ def lowshot_eval(train_feats, train_labels, test_feats, test_labels, *,
   if train_x.ndim != 2 or test_x.ndim != 2 or train_x.shape[1] != test_x.shape[1]:
     raise ValueError(f"features must be [N, D] with the same D, got {train_x.shape} and "
                      f"{test_x.shape}")
-  train_y = knn._check_labels(train_labels, len(train_x), "train_labels")  # pylint: disable=protected-access
-  test_y = knn._check_labels(test_labels, len(test_x), "test_labels")  # pylint: disable=protected-access
+  train_y = _check_labels(train_labels, len(train_x), "train_labels")
+  test_y = _check_labels(test_labels, len(test_x), "test_labels")
   if len(test_x) == 0:
     raise ValueError("the test set is empty")
   num_classes = int(max(train_y.max(), test_y.max())) + 1
