@@ -32,9 +32,11 @@ Solvers (both minimise exactly the objective above):
   it needs more iterations for cyanure's 1e-3: fp32 L-BFGS with optax's zoom line search makes
   less progress per iteration at lambda = 2e-8 than scipy's L-BFGS-B in float64). At 2,560 x 256
   x 200 (`--n 2560 --dim 256 --classes 200`) JAX was ahead on both: 0.019 vs 0.51 s per
-  iteration, gap 0.014 vs 0.032 after 20. On a CPU the time to tol 1e-3 is comparable at 1%; the full 1.28M x 1024 x 1000 problem costs ~2.6 TFLOP per
-  iteration, which only an accelerator makes practical, and only the JAX solver runs there
-  (sharded over rows, one compile per shape bucket: 30-60 s on this CPU).
+  iteration, gap 0.014 vs 0.032 after 20. On a CPU the time to tol 1e-3 is comparable at 1%;
+  the full 1.28M x 1024 x 1000 problem costs ~2.6 TFLOP per iteration, which only an
+  accelerator makes practical, and only the JAX solver runs there (sharded over rows, one
+  compile per shape bucket: 30-60 s on this CPU).
+
 Splits: k images per class and p% of the train set (stratified: round(p/100 n_c), at least 1 per
 class), sampled without replacement from `np.random.default_rng([seed, k or p-code])` when no
 split files are given. With `split_dir`, MSN's files are read (`facebookresearch/msn`
