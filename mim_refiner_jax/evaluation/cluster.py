@@ -244,7 +244,7 @@ def kmeans(feats: np.ndarray, num_clusters: int, *, restarts: int = DEFAULT_REST
   # Rows stay on the host; every device step sees one batch.
   norms = np.linalg.norm(feats, axis=1, keepdims=True)
   feats = (feats / np.maximum(norms, NORM_EPS)).astype(np.float32)
-  batch = -(-min(batch_size, n) // n_dev) * n_dev
+  batch = max(n_dev, min(batch_size, n) // n_dev * n_dev)  # whole rows on every device
   init_rows = -(-min(n, max(3 * batch, 3 * num_clusters)) // n_dev) * n_dev
   init_fn, update_fn, assign_fn = _minibatch_fns(mesh, int(num_clusters))
   replicated = NamedSharding(mesh, P())
@@ -256,7 +256,7 @@ def kmeans(feats: np.ndarray, num_clusters: int, *, restarts: int = DEFAULT_REST
     counts = _put(np.zeros(num_clusters, np.float32), replicated)
     for _ in range(max(1, epochs * n // batch)):
       centres, counts = update_fn(centres, counts,
-                                  *_put_rows(mesh, feats[rng.choice(n, batch, replace=False)],
+                                  *_put_rows(mesh, feats[rng.choice(n, batch, replace=batch > n)],
                                              batch))
     labels, inertia = [], 0.0
     for start in range(0, n, batch):
