@@ -254,6 +254,7 @@ class KnnEvaluator:
 
 
 # ------------------------------------------------------------------------------------------- main
+@checkpoint_lib.holds_workdir_lock  # a second live run on the workdir is refused
 def train(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None = None):
   """Runs (or resumes) one stage in `workdir`; returns `(state, last metrics fetched)`."""
   validate_config(config)
@@ -305,7 +306,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_after: int | Non
     shapes = jax.eval_shape(init_fn, key)
     shardings = sharding_lib.infer_shardings(mesh, shapes, rules)
     target = checkpoint_lib.abstract_with_shardings(shapes, shardings)
-    state, meta = ckpt.restore(resume_step, target, train_iter)
+    # A damaged newest checkpoint is reported and skipped for the newest one that restores.
+    resume_step, state, meta = ckpt.restore_newest(target, train_iter)
     log("resumed %s at step %d (saved %s)", workdir, resume_step,
         time.ctime(meta["time"]) if "time" in meta else "at an unknown time")
   elif s2_state is not None:
@@ -356,6 +358,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_after: int | Non
 
   # -------------------------------------------------------------------------------- loop
   start = int(jax.device_get(state["step"]))
+  writer.drop_after(start)  # steps redone after a resume replace their old metric rows
   tracker = metrics_lib.ThroughputTracker(
       total_steps, config.batch_size, start_step=start, skip_steps=1,
       num_devices=jax.device_count(), flops_per_device=flops,
@@ -367,6 +370,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_after: int | Non
       total_steps, steps_per_ep, config.batch_size)
   try:
     while step < total_steps:
+      ckpt.check()  # a failed asynchronous save stops the run now, not at the next save
       host = _host_batch(train_iter)
       skipped = int(host.pop("num_skipped").sum())
       state, step_metrics = compiled(state, sharding_lib.global_batch(mesh, host))
