@@ -13,6 +13,7 @@ that restores (`Checkpointer.restore_newest`); a failed asynchronous save stops 
 message (`CheckpointSaveError`); a workdir is locked against a second live run (`WorkdirLock`).
 """
 
+import concurrent.futures
 import fcntl
 import functools
 import json
@@ -20,6 +21,7 @@ import logging as logging_std
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 
@@ -77,13 +79,23 @@ class _QuietOrbaxErrors(logging_std.Filter):
   The Checkpointer turns those failures into one message of its own (CheckpointSaveError, or a
   warning about a damaged step), so Orbax's copies, printed once per thread, only bury it. Active
   only at absl's default WARNING verbosity: with --verbosity=0 or higher everything is shown.
+
+  It also keeps the first exception that Orbax's threads log: that is the earliest sign of a
+  failed asynchronous save (Orbax itself raises it only when the next save waits for this one).
   """
 
+  def __init__(self):
+    super().__init__()
+    self.first_error = None
+
   def filter(self, record):
+    is_orbax_error = (record.levelno >= logging_std.ERROR
+                      and f"{os.sep}orbax{os.sep}" in (record.pathname or ""))
+    if is_orbax_error and record.exc_info and self.first_error is None:
+      self.first_error = record.exc_info[1]
     if logging.get_verbosity() >= logging.INFO:
       return True
-    return not (record.levelno >= logging_std.ERROR
-                and f"{os.sep}orbax{os.sep}" in (record.pathname or ""))
+    return not is_orbax_error
 
 
 _QUIET_ORBAX = _QuietOrbaxErrors()
@@ -98,6 +110,34 @@ def _short(error: BaseException, limit: int = 300) -> str:
   if len(text) > limit:
     text = text[:limit] + "..."
   return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _is_orbax_aftermath(exc, obj=None) -> bool:
+  """Errors of Orbax's remaining writes after a failed save, raised as the process ends: their
+  event loop is closed ("Event loop is closed"; "Python is likely shutting down")."""
+  text = str(exc)
+  code = getattr(obj, "cr_code", None)
+  return ("Event loop is closed" in text or "likely shutting down" in text
+          or (code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename))
+
+
+def _silence_orbax_aftermath():
+  """After a failed save, Orbax's other writes end with one traceback each (dozens): drop those
+  (the Checkpointer reports the failure once); every other error is printed as before."""
+  if getattr(sys.excepthook, "_orbax_aftermath", False):
+    return
+  previous_excepthook, previous_unraisablehook = sys.excepthook, sys.unraisablehook
+
+  def excepthook(exc_type, exc, tb):
+    if not _is_orbax_aftermath(exc):
+      previous_excepthook(exc_type, exc, tb)
+
+  def unraisablehook(unraisable):
+    if not _is_orbax_aftermath(unraisable.exc_value, unraisable.object):
+      previous_unraisablehook(unraisable)
+
+  excepthook._orbax_aftermath = True  # pylint: disable=protected-access
+  sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
 
 
 def _warn(message: str):
@@ -131,6 +171,7 @@ class Checkpointer:
     self.every_steps = every_steps
     if _QUIET_ORBAX not in logging.get_absl_logger().filters:
       logging.get_absl_logger().addFilter(_QUIET_ORBAX)
+    _silence_orbax_aftermath()
     # The trainer decides when to save (`should_save`); Orbax only keeps the last `keep`.
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, save_interval_steps=1, create=True,
@@ -158,19 +199,14 @@ class Checkpointer:
   # ---------------------------------------------------------------------------------- saving
   def save(self, step: int, state, data_iterator, meta: dict, *, force: bool = False) -> bool:
     self.check()
-    directory = epath.Path(self.directory)
-    if not directory.is_dir():
-      # Orbax would silently recreate a deleted directory (the earlier checkpoints are gone
-      # with it) and hangs when a file took its place; stop instead.
+    problem = self._unwritable()
+    if problem:
       self._failed = True
-      what = "is now a file" if directory.exists() else "has vanished"
-      raise CheckpointSaveError(
-          f"checkpoint directory {self.directory} {what}, so step {step} cannot be saved and "
-          f"no earlier checkpoint of this run is left there; restore the directory (or free "
-          "the path) and rerun the same command to start again")
+      raise self._save_failed(step, problem)
     items = {STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta)}
     if data_iterator is not None:
       items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
+    _QUIET_ORBAX.first_error = None
     try:
       # Waits for the previous save first and raises its error, if it failed.
       saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
@@ -179,9 +215,32 @@ class Checkpointer:
     self._saving = step
     return saved
 
+  def _unwritable(self) -> str | None:
+    """Why a new step directory cannot be made here, or None. Orbax itself would hang on a
+    failed directory creation (read-only, or a file in its place: orbax-checkpoint 0.12.8) and
+    silently recreate a deleted directory, losing track of the checkpoints that were in it."""
+    if "://" in self.directory:
+      return None  # remote stores: Orbax reports their errors itself
+    if not os.path.isdir(self.directory):
+      return "the directory " + ("is now a file" if os.path.exists(self.directory)
+                                 else "has vanished")
+    probe = os.path.join(self.directory, f".write_probe.{socket.gethostname()}.{os.getpid()}")
+    try:
+      os.mkdir(probe)
+      os.rmdir(probe)
+    except OSError as e:
+      return f"cannot create a directory there: {e.strerror or e}"
+    return None
+
   def check(self):
     """Raises CheckpointSaveError if the last asynchronous save has failed (cheap; every step)."""
-    if self._saving is None or self._manager.is_saving_in_progress():
+    if self._saving is None:
+      return
+    if self._manager.is_saving_in_progress():
+      error = _QUIET_ORBAX.first_error  # a save thread failed; the others may run on a while
+      if error is not None and not isinstance(error, concurrent.futures.CancelledError):
+        step, self._saving = self._saving, None
+        raise self._save_failed(step, error) from error
       return
     step, self._saving = self._saving, None
     try:
@@ -189,22 +248,25 @@ class Checkpointer:
     except Exception as e:
       raise self._save_failed(step, e) from e
 
-  def _save_failed(self, step: int, error: BaseException) -> CheckpointSaveError:
+  def _save_failed(self, step: int, error) -> CheckpointSaveError:
+    """The one message for a failed save: what failed, which checkpoints are intact, what to do.
+    `error` is an exception or a short reason."""
     self._failed = True
     try:
       self._manager.reload()
       intact = self.all_steps()
     except Exception:  # the directory itself may be gone
       intact = []
+    fix = "fix the cause (free disk space, make the directory writable or restore it) and rerun"
     if intact:
       kept = (f"intact checkpoints there: step{'s' if len(intact) > 1 else ''} "
-              f"{', '.join(map(str, intact))}; free disk space (or fix the directory) and rerun "
-              f"the same command to resume from step {intact[-1]}")
+              f"{', '.join(map(str, intact))}; {fix} the same command to resume from step "
+              f"{intact[-1]}")
     else:
-      kept = ("no intact checkpoint is there; free disk space (or fix the directory) and rerun "
-              "the same command to start again")
+      kept = f"no intact checkpoint is there; {fix} the same command to start again"
     return CheckpointSaveError(f"saving checkpoint step {step} to {self.directory} failed "
-                               f"({_short(error, 200)}); {kept}")
+                               f"({error if isinstance(error, str) else _short(error, 200)}); "
+                               f"{kept}")
 
   def wait(self):
     self.check()
