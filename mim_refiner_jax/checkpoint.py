@@ -19,6 +19,7 @@ import functools
 import json
 import logging as logging_std
 import os
+import re
 import signal
 import socket
 import sys
@@ -102,11 +103,17 @@ _QUIET_ORBAX = _QuietOrbaxErrors()
 
 
 def _short(error: BaseException, limit: int = 300) -> str:
-  """One line about `error`: TensorStore messages run to pages (their spec); keep the cause."""
+  """One line about `error`. TensorStore messages run to pages (nested contexts and the spec);
+  keep the innermost cause and the file it names, e.g. 'File too large: /w/checkpoints/...'."""
   text = " ".join(str(error).split())
   text = text.split(" [tensorstore_spec")[0].split(" See full TensorStore details")[0]
-  if "Failed writing" in text or "Error reading" in text:  # the innermost cause is last
-    text = text[text.rfind("local file") if "local file" in text else 0:]
+  files = re.findall(r'"(/[^"]+)"', text)
+  os_error = re.search(r":\s*([^:\[]+?)\s*\[os_error_code", text)
+  if os_error and files:
+    text = f"{os_error.group(1)}: {files[-1]}"
+  elif files and '": ' in text:
+    cause = text.rsplit('": ', 1)[-1]
+    text = f"{files[-1]}: {cause}"
   if len(text) > limit:
     text = text[:limit] + "..."
   return f"{type(error).__name__}: {text}" if text else type(error).__name__
@@ -303,14 +310,17 @@ class Checkpointer:
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     return restored[STATE], restored[META]
 
-  def _check_step_metadata(self, step: int):
-    """Orbax reads a damaged `_CHECKPOINT_METADATA` with only a log line; count it as damage."""
-    path = epath.Path(self.directory) / str(step) / "_CHECKPOINT_METADATA"
-    if path.exists():
-      try:
-        json.loads(path.read_text())
-      except ValueError as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from None
+  def _check_json_files(self, step: int):
+    """Parses the step's JSON files, to name the one that is damaged (Orbax's errors do not, and
+    it reads a damaged `_CHECKPOINT_METADATA` with only a log line)."""
+    step_dir = epath.Path(self.directory) / str(step)
+    for path in [step_dir / "_CHECKPOINT_METADATA", step_dir / META / "metadata",
+                 step_dir / STATE / "_METADATA", *(step_dir / DATA).glob("*.json")]:
+      if path.exists():
+        try:
+          json.loads(path.read_text())
+        except ValueError as e:
+          raise ValueError(f"{path} is not valid JSON ({e})") from None
 
   def restore_newest(self, abstract_state, data_iterator=None, *, set_aside: bool = True):
     """Restores the newest step that restores: `(step, state, meta)`, or None if there is none.
@@ -327,7 +337,7 @@ class Checkpointer:
     for step in steps:
       error = None
       try:
-        self._check_step_metadata(step)
+        self._check_json_files(step)
         state, meta = self.restore(step, abstract_state, data_iterator)
       except Exception as e:  # pylint: disable=broad-except  # any damage: try the next step
         error = e

@@ -209,6 +209,19 @@ def test_metric_rows_replaced_after_resume(tmp_path):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f]
   assert [(r["step"], r["loss"]) for r in rows] == [(1, 1), (2, 2), (3, 3), (4, 40), (5, 50)]
+  # TensorBoard: the resumed writer's event file starts with a purge of the steps after 3
+  # (SessionLog START at step 4; TensorBoard then hides the older events of steps >= 4).
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  newest = max(glob.glob(os.path.join(workdir, "tb", "events.out.tfevents.*")),
+               key=os.path.getmtime)
+  events, data = [], open(newest, "rb").read()
+  while data:  # TFRecord framing: length (8 bytes), its crc (4), payload, payload crc (4)
+    length = int.from_bytes(data[:8], "little")
+    events.append(event_pb2.Event.FromString(data[12:12 + length]))
+    data = data[16 + length:]
+  starts = [e.step for e in events if e.HasField("session_log")]
+  assert starts == [4] and events[1].step == 4, events[:2]
+  assert sorted({e.step for e in events if e.HasField("summary")}) == [4, 5]
 
 
 # ------------------------------------------------------------------------ high-bit-depth images
