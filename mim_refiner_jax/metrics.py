@@ -196,7 +196,8 @@ class MetricWriter:
   """Appends `workdir/metrics.jsonl` and writes TensorBoard scalars to `workdir/tb`, on process 0.
 
   On other processes every method is a no-op (pass `is_main` to override the process test).
-  Use as a context manager or call `close()`.
+  Use as a context manager or call `close()`. A resumed run calls `drop_after(start_step)` so that
+  re-run steps replace their old rows instead of duplicating them.
   """
 
   def __init__(self, workdir: str, *, tensorboard: bool = True, is_main: bool | None = None):
@@ -230,6 +231,38 @@ class MetricWriter:
       for name, value in values.items():
         self._tb.add_scalar(name, value, global_step=int(step), walltime=wall_time)
       self._tb.flush()
+
+  def drop_after(self, step: int) -> int:
+    """Forgets what was logged for steps after `step` (call once a run knows its start step).
+
+    A run resumed from step S redoes the steps after S: their rows from the interrupted run are
+    removed from metrics.jsonl (rewritten atomically; a torn last line from a crash goes too),
+    and TensorBoard is told to purge its events from step S + 1 on (tensorboardX `purge_step`).
+    Returns the number of rows removed.
+    """
+    if not self.active:
+      return 0
+    self._jsonl.close()
+    with open(self.jsonl_path, encoding="utf-8") as f:
+      lines = f.readlines()
+    kept = []
+    for line in lines:
+      try:
+        if json.loads(line)["step"] <= step:
+          kept.append(line if line.endswith("\n") else line + "\n")
+      except (ValueError, KeyError, TypeError):  # a line torn by a crash
+        pass
+    if len(kept) != len(lines):
+      tmp = self.jsonl_path + ".tmp"
+      with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+      os.replace(tmp, self.jsonl_path)
+    self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
+    if self._tb is not None:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb.close()
+      self._tb = SummaryWriter(logdir=self.tb_dir, purge_step=step + 1)
+    return len(lines) - len(kept)
 
   def close(self) -> None:
     if self._jsonl is not None:

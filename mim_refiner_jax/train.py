@@ -376,7 +376,6 @@ class WorkdirGuard:
 
   def __init__(self, workdir: str):
     self.workdir = workdir
-    self.workdir_existed = os.path.isdir(workdir)
     self.existed = {e for e in self.ENTRIES if os.path.lexists(os.path.join(workdir, e))}
     self.armed = True
 
@@ -394,23 +393,29 @@ class WorkdirGuard:
         shutil.rmtree(path, ignore_errors=True)
       else:
         os.remove(path)
-    if not self.workdir_existed:
-      try:
-        os.rmdir(self.workdir)  # only if empty
-      except OSError:
-        pass
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None = None):
   """Runs (or resumes) one stage in `workdir`; returns `(state, last metrics fetched)`."""
   validate_config(config)
   config = resolve_eval_sources(config)
-  guard = WorkdirGuard(workdir)
+  workdir_existed = os.path.isdir(workdir)
   try:
-    return _train(config, workdir, stop_after, guard)
-  except BaseException:
-    guard.undo()
-    raise
+    # A second live run on the workdir is refused before anything is touched; the guard notes
+    # what exists only once the lock is held, so a refused run never undoes the live run's files.
+    with checkpoint_lib.WorkdirLock(workdir):
+      guard = WorkdirGuard(workdir)
+      try:
+        return _train(config, workdir, stop_after, guard)
+      except BaseException:
+        guard.undo()
+        raise
+  finally:
+    if not workdir_existed and jax.process_index() == 0:
+      try:  # a run that failed before its first step leaves no empty workdir behind
+        os.rmdir(workdir)
+      except OSError:  # not empty (the run got going) or already gone
+        pass
 
 
 def _train(config, workdir: str, stop_after: int | None, guard: WorkdirGuard):
@@ -466,7 +471,8 @@ def _train(config, workdir: str, stop_after: int | None, guard: WorkdirGuard):
     shapes = jax.eval_shape(init_fn, key)
     shardings = sharding_lib.infer_shardings(mesh, shapes, rules)
     target = checkpoint_lib.abstract_with_shardings(shapes, shardings)
-    state, meta = ckpt.restore(resume_step, target, train_iter)
+    # A damaged newest checkpoint is reported and skipped for the newest one that restores.
+    resume_step, state, meta = ckpt.restore_newest(target, train_iter)
     log("resumed %s at step %d (saved %s)", workdir, resume_step,
         time.ctime(meta["time"]) if "time" in meta else "at an unknown time")
   elif s2_state is not None:
@@ -518,6 +524,7 @@ def _train(config, workdir: str, stop_after: int | None, guard: WorkdirGuard):
 
   # -------------------------------------------------------------------------------- loop
   start = int(jax.device_get(state["step"]))
+  writer.drop_after(start)  # steps redone after a resume replace their old metric rows
   tracker = metrics_lib.ThroughputTracker(
       total_steps, config.batch_size, start_step=start, skip_steps=1,
       num_devices=jax.device_count(), flops_per_device=flops,
@@ -529,6 +536,7 @@ def _train(config, workdir: str, stop_after: int | None, guard: WorkdirGuard):
       total_steps, steps_per_ep, config.batch_size)
   try:
     while step < total_steps:
+      ckpt.check()  # a failed asynchronous save stops the run now, not at the next save
       host = _host_batch(train_iter)
       skipped = int(host.pop("num_skipped").sum())
       state, step_metrics = compiled(state, sharding_lib.global_batch(mesh, host))

@@ -51,29 +51,86 @@ class UnreadableImageError(Exception):
   """An image that cannot be read or decoded; the message names it (file or record)."""
 
 
-def to_rgb_uint8(image: np.ndarray, where: str = "image") -> np.ndarray:
-  """uint8 [H, W], [H, W, 1], [H, W, 3] or [H, W, 4] -> [H, W, 3] (grey repeated, alpha dropped)."""
+def to_uint8(image: np.ndarray, where: str = "image") -> np.ndarray:
+  """Pixels of any bit depth -> uint8, scaled (not clipped) to the full 8-bit range.
+
+  uint8 stays as it is; uint16 (16-bit PNG/TIFF) is divided by 257 (65535 -> 255, exactly as
+  8-bit data scaled up by 257 comes back); other integers by their type's maximum; floats are
+  taken as [0, 1]. Values outside the assumed range (e.g. a 32-bit integer image that holds
+  16-bit data is fine, one beyond 65535 is not) are min-max scaled instead, with a warning.
+  """
   image = np.asarray(image)
-  if image.dtype != np.uint8:
-    raise ValueError(f"{where}: expected uint8 pixels, got {image.dtype}")
+  if image.dtype == np.uint8:
+    return image
+  if image.dtype == np.bool_:
+    return image.astype(np.uint8) * 255
+  if np.issubdtype(image.dtype, np.integer):
+    top = 65535 if image.dtype.itemsize >= 2 else np.iinfo(image.dtype).max
+    low = 0
+  elif np.issubdtype(image.dtype, np.floating):
+    top, low = 1.0, 0.0
+  else:
+    raise ValueError(f"{where}: cannot read {image.dtype} pixels as an image")
+  values = image.astype(np.float64)
+  lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+  if not np.isfinite(lo) or not np.isfinite(hi):
+    values = np.nan_to_num(values, nan=0.0, posinf=hi if np.isfinite(hi) else top, neginf=0.0)
+    lo, hi = float(values.min()), float(values.max())
+  if lo < low or hi > top:
+    _warn_once(f"{where}: {image.dtype} pixel values span [{lo:g}, {hi:g}], outside the assumed "
+               f"[{low:g}, {top:g}]; scaling that span to 0..255")
+    low, top = lo, (hi if hi > lo else lo + 1.0)
+  return np.round((values - low) * (255.0 / (top - low))).astype(np.uint8)
+
+
+def to_rgb_uint8(image: np.ndarray, where: str = "image") -> np.ndarray:
+  """[H, W], [H, W, 1], [H, W, 3] or [H, W, 4] of any bit depth (see `to_uint8`) -> uint8
+  [H, W, 3] (grey repeated, alpha dropped)."""
+  image = np.asarray(image)
   if image.ndim == 2:
     image = image[:, :, None]
   if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
     raise ValueError(f"{where}: expected an HxW, HxWx1, HxWx3 or HxWx4 image, got {image.shape}")
+  image = to_uint8(image[:, :, :3], where)
   if image.shape[-1] == 1:
     return np.repeat(image, 3, axis=-1)
-  return image[:, :, :3]
+  return image
+
+
+# PIL modes whose pixels PIL's own convert("RGB") would clip to 8 bits instead of scaling: 16-bit
+# grey PNG/TIFF ("I;16*"), 32-bit integer ("I") and float ("F") images. PIL itself reduces 48-bit
+# RGB and 64-bit RGBA PNGs to 8 bits per channel by keeping the high byte (scaled, not clipped).
+_HIGH_BIT_MODES = ("I", "F")
 
 
 def decode_image_file(path: str) -> np.ndarray:
-  """PIL-decodes a file to uint8 RGB [H, W, 3]; raises UnreadableImageError naming the file."""
+  """PIL-decodes a file to uint8 RGB [H, W, 3]; raises UnreadableImageError naming the file.
+
+  High-bit-depth images are scaled to 8 bits (`to_uint8`), never clipped.
+  """
   from PIL import Image  # pylint: disable=g-import-not-at-top
   try:
     with Image.open(path) as img:
+      if img.mode.startswith(_HIGH_BIT_MODES):
+        pixels = np.asarray(img)
+        if img.mode.startswith("I;16"):  # "I;16", "I;16B", ...: 16-bit unsigned
+          pixels = pixels.astype(np.uint16)
+        elif img.mode == "I" and pixels.size and pixels.min() >= 0 and pixels.max() <= 65535:
+          pixels = pixels.astype(np.uint16)  # 16-bit data that PIL widened to 32 bits
+        return to_rgb_uint8(pixels, f"image file {path}")
       img = img.convert("RGB")  # forces the decode; grey/CMYK/palette/RGBA -> RGB
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     raise UnreadableImageError(f"cannot decode image file {path}: {type(e).__name__}: {e}") from e
   return np.asarray(img)
+
+
+_WARNED = set()  # per process: one warning per message (bad file, odd pixel range)
+
+
+def _warn_once(message: str):
+  if message not in _WARNED:
+    _WARNED.add(message)
+    logging.warning("%s", message)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,9 +272,6 @@ class SyntheticSource:
 # Unreadable images: skip (and count) or fail fast.
 # ----------------------------------------------------------------------------------------------
 
-_WARNED = set()  # per process: one warning per bad file
-
-
 class SkipUnreadable:
   """Replaces an unreadable record by the next readable one (index + 1, + 2, ..., wrapping).
 
@@ -246,9 +300,7 @@ class SkipUnreadable:
           raise UnreadableImageError(
               f"{e} (fail_fast=True; set fail_fast=False to skip unreadable images, counted "
               "in the batch field 'num_skipped')") from e
-        if str(e) not in _WARNED:
-          _WARNED.add(str(e))
-          logging.warning("skipping unreadable image (using the next index instead): %s", e)
+        _warn_once(f"skipping unreadable image (using the next index instead): {e}")
         continue
       record["num_skipped"] = skipped
       return record
