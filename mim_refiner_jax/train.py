@@ -336,11 +336,12 @@ def load_stage2_state(config, mesh, rules, key):
   if not os.path.isdir(ckpt_dir):  # (the Checkpointer would create it inside that workdir)
     raise errors.UserError(f"no checkpoint in {ckpt_dir}: run stage 2 there first")
   ckpt = checkpoint_lib.Checkpointer(ckpt_dir, every_steps=1, keep=1)
-  step = ckpt.latest_step()
-  if step is None:
-    raise errors.UserError(f"no checkpoint in {ckpt_dir}: run stage 2 there first")
-  s2_state, _ = ckpt.restore(step, target)
+  # The newest stage-2 checkpoint that restores (a damaged one is reported and left in place).
+  restored = ckpt.restore_newest(target, set_aside=False)
   ckpt.close()
+  if restored is None:
+    raise errors.UserError(f"no checkpoint in {ckpt_dir}: run stage 2 there first")
+  step, s2_state, _ = restored
   pick = lambda tree: {n: tree[n] for n in wanted}
   s2_state["params"] = {"encoder": s2_state["params"]["encoder"],
                         "heads": pick(s2_state["params"]["heads"])}
