@@ -19,7 +19,7 @@ Per view, in the reference order (section 9):
 `color_augs=False` keeps only crop and flip. Every size is configurable, so tiny models on 32 px
 images work (e.g. global 32, local 16, eval resize 36 -> crop 32).
 
-Output of `MultiCrop(cfg)(record, rng)` (NHWC, ImageNet-normalised float32):
+Output of `MultiCrop(cfg)(record, rng)` (NHWC uint8; the train step normalises on the device):
   {"global": [2, G, G, 3], "local": [n, L, L, 3] ([0, L, L, 3] when n = 0), "label", "index",
    "num_skipped"}.
 """
@@ -342,7 +342,12 @@ def _passthrough(record: dict) -> dict:
 
 
 class MultiCrop:
-  """record {"image": uint8 HxWx3, "label", "index"} + rng -> normalised global and local views."""
+  """record {"image": uint8 HxWx3, "label", "index"} + rng -> uint8 global and local views.
+
+  The views stay uint8 (a quarter of float32's bytes on the host and across PCIe/ICI); the train
+  step normalises them on the device with `cfg.mean`, `cfg.std` (Refiner.normalize), the same
+  float32 arithmetic as `normalize` here.
+  """
 
   def __init__(self, cfg: Any = None):
     self.cfg = MultiCropConfig.from_config(cfg)
@@ -367,8 +372,8 @@ class MultiCrop:
     views = self.views_uint8(record["image"], rng)
     local = (np.stack(views[2:]) if c.num_local
              else np.zeros((0, c.local_size, c.local_size, 3), np.uint8))
-    return {"global": normalize(np.stack(views[:2]), c.mean, c.std),
-            "local": normalize(local, c.mean, c.std), **_passthrough(record)}
+    # uint8: normalised on the device by the train step (models/refiner.py), with c.mean/c.std
+    return {"global": np.stack(views[:2]), "local": local, **_passthrough(record)}
 
 
 class EvalTransform:
