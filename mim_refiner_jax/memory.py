@@ -93,8 +93,9 @@ def abstract_batch(config, mesh, batch_size: int | None = None) -> dict:
                       shardings)
 
 
-def build(config, devices):
-  """`(step, abstract_state, state_shardings, abstract_batch, mesh)` as train.py builds them."""
+def build(config, devices) -> dict:
+  """What train.py builds, abstract: step (jitted, not compiled), state (sharded
+  ShapeDtypeStructs), shardings, batch (sharded ShapeDtypeStructs), mesh, rules, init_fn, model."""
   stage2 = config.stage == 2
   key = jax.random.key(config.seed)
   mesh = sharding_lib.make_mesh(config.sharding.data, config.sharding.fsdp, devices)
@@ -120,15 +121,17 @@ def build(config, devices):
       sim_dtype=jnp.dtype(config.queue.similarity_dtype), lr_fn=lr_fn,
       logits_dtype=None if head_dtype == jnp.float32 else head_dtype,
       batch_shardings=jax.tree.map(lambda x: x.sharding, batch))
-  return step, state, shardings, batch, mesh
+  return dict(step=step, state=state, shardings=shardings, batch=batch, mesh=mesh, rules=rules,
+              init_fn=init_fn, model=model, key=key)
 
 
 def plan(config, devices=None) -> Plan:
   """Compiles the config's train step for `devices` (default: all) and returns its `Plan`."""
   devices = list(jax.devices() if devices is None else devices)
   check(config, len(devices))
-  step, state, shardings, batch, mesh = build(config, devices)
-  compiled = step.lower(state, batch).compile()
+  built = build(config, devices)
+  state, shardings, batch, mesh = (built[k] for k in ("state", "shardings", "batch", "mesh"))
+  compiled = built["step"].lower(state, batch).compile()
   mem = compiled.memory_analysis()
   part = lambda name: _shard_bytes(state[name], shardings[name]) if name in state else 0
   params = part("params") + part("buffers") + part("batch_stats")
