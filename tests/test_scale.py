@@ -216,7 +216,8 @@ def _ours(dtype, params, stats, x, neighbours):
   def loss(params):
     (z, p), _ = head.apply({"params": params, "batch_stats": stats}, x, train=True,
                            mutable=["batch_stats"])
-    return nna.nna_loss(z, neighbours, p, temperature=TAU, logits_dtype=logits_dtype)[0], (z, p)
+    return nna.nna_loss(z[:2], neighbours, p, temperature=TAU,
+                        logits_dtype=logits_dtype)[0], (z, p)
 
   (value, (z, p)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
   return value, grads, z, p
@@ -225,12 +226,12 @@ def _ours(dtype, params, stats, x, neighbours):
 def _torch(params, x, neighbours, autocast):
   proj, pred = torch_head(params)
   with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
-    xt = torch.from_numpy(np.asarray(x))       # [2, N, D] views
-    z = proj(xt.reshape(2 * N, D))
-    p = pred(z).reshape(2, N, OUT)
-    z = z.reshape(2, N, OUT)
-    out = torch_nna(z.detach().transpose(0, 1), torch.from_numpy(np.asarray(neighbours)).transpose(
-        0, 1), p.transpose(0, 1), TAU, "reference")
+    xt = torch.from_numpy(np.asarray(x))       # [3, N, D] views g1, g2, l1: one BN call
+    z = proj(xt.reshape(3 * N, D))
+    p = pred(z).reshape(3, N, OUT)
+    z = z.reshape(3, N, OUT)
+    out = torch_nna(z[:2].detach().transpose(0, 1), torch.from_numpy(
+        np.asarray(neighbours)).transpose(0, 1), p.transpose(0, 1), TAU, "reference")
   out["loss"].backward()
   grads = {f"{name}_{i}": {"dense": {"kernel": blk[0].weight.grad.numpy().T},
                            "bn": {"scale": blk[1].weight.grad.numpy(),
@@ -242,7 +243,7 @@ def _torch(params, x, neighbours, autocast):
 
 def test_head_and_loss_match_torch_autocast():
   rng = np.random.default_rng(3)
-  x = jnp.asarray(rng.normal(size=(2, N, D)) * 2 + 0.5, jnp.float32)
+  x = jnp.asarray(rng.normal(size=(3, N, D)) * 2 + 0.5, jnp.float32)
   neighbours = jnp.asarray(rng.normal(size=(2, N, OUT)), jnp.float32)
   variables = IDHead(proj_hidden_dim=PROJ, pred_hidden_dim=PRED, output_dim=OUT).init(
       jax.random.PRNGKey(0), x, train=False)

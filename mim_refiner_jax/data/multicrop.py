@@ -193,6 +193,13 @@ def solarize(img: Image.Image, threshold: int) -> Image.Image:
   return ImageOps.solarize(img, threshold)
 
 
+def normalize_table(mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+  """`[C, 256]` float32: the normalised value of each uint8 level per channel (float32 arithmetic
+  of ToTensor + Normalize). The train step looks pixels up in it on the device (Refiner)."""
+  levels = np.arange(256, dtype=np.float32)[:, None] / np.float32(255)
+  return ((levels - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)).T.copy()
+
+
 def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
   """uint8 [..., 3] -> float32 (x / 255 - mean) / std, as ToTensor + Normalize (but NHWC).
 
@@ -202,8 +209,7 @@ def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) ->
   image = np.asarray(image)
   if image.dtype != np.uint8 or image.shape[-1] != len(mean):
     raise ValueError(f"expected uint8 [..., {len(mean)}] pixels, got {image.dtype} {image.shape}")
-  levels = np.arange(256, dtype=np.float32)[:, None] / np.float32(255)
-  table = ((levels - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)).T.copy()
+  table = normalize_table(mean, std)
   out = np.empty(image.shape, np.float32)
   for c in range(image.shape[-1]):
     np.take(table[c], image[..., c], out=out[..., c], mode="clip")  # uint8: always in range

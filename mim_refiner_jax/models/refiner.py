@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from mim_refiner_jax.config import HeadSpec
-from mim_refiner_jax.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
+from mim_refiner_jax.data.multicrop import IMAGENET_MEAN, IMAGENET_STD, normalize_table
 from mim_refiner_jax.models.heads import IDHead
 from mim_refiner_jax.models.vit import ViT
 
@@ -71,12 +71,16 @@ class Refiner:
     return table[spec.block]
 
   def normalize(self, views: jax.Array) -> jax.Array:
-    """uint8 pixels -> float32 `(x / 255 - mean) / std`, the arithmetic of ToTensor + Normalize
-    and of data/multicrop.normalize (so the result is the host float path's, bit for bit)."""
+    """uint8 pixels `[..., 3]` -> float32 `(x / 255 - mean) / std` (ToTensor + Normalize).
+
+    A lookup in the host-computed 256-level table of data/multicrop.normalize, so the values are
+    the host float path's bit for bit (XLA rewrites the arithmetic and would differ by an ulp).
+    Float views are returned unchanged (already normalised).
+    """
     if views.dtype != jnp.uint8:
       return views
-    mean, std = jnp.asarray(self.mean, jnp.float32), jnp.asarray(self.std, jnp.float32)
-    return (views.astype(jnp.float32) / jnp.float32(255) - mean) / std
+    table = jnp.asarray(normalize_table(self.mean, self.std).T)  # [256, C]
+    return table[views.astype(jnp.int32), jnp.arange(table.shape[1])]
 
   def encode(self, encoder_params, buffers, global_views, local_views=None) -> dict:
     """Pooled features `{head: [2 + n, B, D]}` (fp32) of `[2, B, G, G, 3]`, `[n, B, L, L, 3]`
