@@ -27,11 +27,11 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mim_refiner_jax import optim
 from mim_refiner_jax import sharding as sharding_lib
 from mim_refiner_jax.models.refiner import Refiner
 from mim_refiner_jax.objectives import nna
 from mim_refiner_jax.objectives import queue as queue_lib
-from mim_refiner_jax import optim
 
 STANDARD_BATCH = {"global": jax.ShapeDtypeStruct((2, 2, 2, 2, 3), jnp.float32),
                   "local": jax.ShapeDtypeStruct((2, 2, 2, 2, 3), jnp.float32),
@@ -43,8 +43,8 @@ def make_train_step(model: Refiner, tx: optax.GradientTransformation, mesh, stat
                     topk: int, temperatures: dict | None = None,
                     local_view_indexing: str = "reference", ema_decay: float | None = None,
                     freeze_encoder: bool = False, sim_dtype=jnp.bfloat16, logits_dtype=None,
-                    lr_fn=None,
-                    batch_shardings=None, queue_axes: Sequence[str] = queue_lib.QUEUE_AXES,
+                    lr_fn=None, batch_shardings=None,
+                    queue_axes: Sequence[str] = queue_lib.QUEUE_AXES,
                     max_traces: int | None = None):
   """Returns `step(state, batch) -> (state, metrics)`, jitted, the state donated.
 

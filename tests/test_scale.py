@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from configs import mae_2b14
 from mim_refiner_jax import memory
@@ -29,7 +30,6 @@ from mim_refiner_jax.models.vit import ViT
 from mim_refiner_jax.objectives import nna
 from tests import tiny_config
 from tests.test_heads_queue import torch_head
-from tests.test_nna_loss import torch_nna
 
 
 # ------------------------------------------------------------------------------ 2B state, FSDP
@@ -223,6 +223,21 @@ def _ours(dtype, params, stats, x, neighbours):
   return value, grads, z, p
 
 
+def _torch_nna(pre, post, pred):
+  """The reference loss as written (tests/test_nna_loss.py's transcription, whose internal
+  allclose self-check does not take mixed dtypes), views first: pre, post [2, N, d], pred [V, N, d];
+  "reference" local indexing: local term k pairs the anchors with prediction view k."""
+  pre, post, pred = (F.normalize(t, dim=-1) for t in (pre, post, pred))
+  labels = torch.arange(pre.shape[1])
+  mask = F.one_hot(labels, num_classes=len(labels)).to(pred.dtype)
+  pairs = [(0, 1), (1, 0)] + [(a, k) for a in (0, 1) for k in range(pred.shape[0] - 2)]
+  total = 0.0
+  for a, b in pairs:
+    logits = (post[a] @ pred[b].T / TAU) * mask + (pre[a] @ pred[b].T / TAU) * (1 - mask)
+    total = total + F.cross_entropy(logits, labels)
+  return total / len(pairs)
+
+
 def _torch(params, x, neighbours, autocast):
   proj, pred = torch_head(params)
   with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
@@ -230,15 +245,14 @@ def _torch(params, x, neighbours, autocast):
     z = proj(xt.reshape(3 * N, D))
     p = pred(z).reshape(3, N, OUT)
     z = z.reshape(3, N, OUT)
-    out = torch_nna(z[:2].detach().transpose(0, 1), torch.from_numpy(
-        np.asarray(neighbours)).transpose(0, 1), p.transpose(0, 1), TAU, "reference")
-  out["loss"].backward()
+    loss = _torch_nna(z[:2].detach(), torch.from_numpy(np.asarray(neighbours)), p)
+  loss.backward()
   grads = {f"{name}_{i}": {"dense": {"kernel": blk[0].weight.grad.numpy().T},
                            "bn": {"scale": blk[1].weight.grad.numpy(),
                                   "bias": blk[1].bias.grad.numpy()}}
            for name, seq in (("projector", proj), ("predictor", pred))
            for i, blk in enumerate(seq)}
-  return out["loss"].item(), grads, z.dtype, p.dtype
+  return loss.item(), grads, z.dtype, p.dtype
 
 
 def test_head_and_loss_match_torch_autocast():
