@@ -165,16 +165,19 @@ def with_changes(config, **changes) -> ml_collections.ConfigDict:
   return config
 
 
-def candidate_changes(config, num_devices: int):
+def candidate_changes(config, num_devices: int, first: Plan | None = None):
   """Changes to try when a run does not fit, smallest first: shard the state (FSDP), rematerialise
-  the blocks, then both with halved global batches (a smaller per-device batch; the reference
-  uses no gradient accumulation, so this changes the recipe: section 7)."""
+  the blocks (first when `first`, the plan as it is, is dominated by activations), then both with
+  halved global batches (a smaller per-device batch; the reference uses no gradient accumulation,
+  so this changes the recipe: section 7)."""
   fsdp = {"sharding.rules": "fsdp", "sharding.fsdp": -1, "sharding.data": -1}
   steps = []
   if config.sharding.rules != "fsdp" or config.sharding.fsdp == 1:
     steps.append(fsdp)
   if not config.model.remat:
     steps.append({"model.remat": True})
+    if first is not None and first.temporaries > first.total - first.temporaries:
+      steps.reverse()
   both = dict(fsdp, **{"model.remat": True})
   if len(steps) == 2:
     steps.append(both)
@@ -193,7 +196,7 @@ def find_fit(config, device_gib: float, devices=None, headroom: float = HEADROOM
   if first.fits(device_gib, headroom):
     return first, None
   num = len(devices or jax.devices())
-  for changes in candidate_changes(config, num):
+  for changes in candidate_changes(config, num, first):
     log(f"  trying {describe(changes)}")
     p = plan(with_changes(config, **changes), devices)
     if p.fits(device_gib, headroom):

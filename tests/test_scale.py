@@ -262,7 +262,15 @@ def test_head_and_loss_match_torch_autocast():
   variables = IDHead(proj_hidden_dim=PROJ, pred_hidden_dim=PRED, output_dim=OUT).init(
       jax.random.PRNGKey(0), x, train=False)
   params, stats = jax.tree.map(np.asarray, variables["params"]), variables["batch_stats"]
-  rel = lambda a, b: np.linalg.norm(np.ravel(a) - np.ravel(b)) / np.linalg.norm(np.ravel(b))
+  def grad_error(grads, ref):
+    """Largest per-leaf relative error (norms), over leaves whose reference gradient is not ~0:
+    projector_2's BatchNorm bias has an exactly-zero true gradient (the next BN removes any
+    shift), so its value is rounding noise in both frameworks."""
+    pairs = [(np.ravel(g), np.ravel(r)) for g, r in zip(jax.tree.leaves(grads),
+                                                         jax.tree.leaves(ref))]
+    scale = max(np.linalg.norm(r) for _, r in pairs)
+    return max(np.linalg.norm(g - r) / np.linalg.norm(r) for g, r in pairs
+               if np.linalg.norm(r) > 1e-3 * scale)
 
   errors = {}
   for mode, dtype, autocast in (("fp32", jnp.float32, False), ("bf16", jnp.bfloat16, True)):
@@ -270,13 +278,11 @@ def test_head_and_loss_match_torch_autocast():
     ref_value, ref_grads, zt_dtype, pt_dtype = _torch(params, x, neighbours, autocast)
     assert z.dtype == p.dtype == dtype and zt_dtype == pt_dtype == (
         torch.bfloat16 if autocast else torch.float32)
-    errors[mode] = (abs(float(value) - ref_value),
-                    max(rel(g, r) for g, r in zip(jax.tree.leaves(grads),
-                                                  jax.tree.leaves(ref_grads))))
+    errors[mode] = (abs(float(value) - ref_value), grad_error(grads, ref_grads))
     if mode == "bf16":  # against fp32 torch, to show the bf16 boundaries are what is matched
       fp32_value, fp32_grads, _, _ = _torch(params, x, neighbours, False)
-      errors["bf16_vs_torch_fp32"] = (abs(float(value) - fp32_value), max(
-          rel(g, r) for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(fp32_grads))))
+      errors["bf16_vs_torch_fp32"] = (abs(float(value) - fp32_value),
+                                      grad_error(grads, fp32_grads))
   # fp32: summation order only. bf16: one bf16 rounding here and there (8 mantissa bits,
   # 2^-8 = 0.4%): loss within 1e-2 absolute (value ~3), every gradient leaf within 5% (norm).
   assert errors["fp32"][0] < 1e-5 and errors["fp32"][1] < 1e-4, errors

@@ -94,7 +94,7 @@ def table(args, log):
           cells.append("fits")
           continue
         fix = "no change found"
-        for changes in memory.candidate_changes(config, n):
+        for changes in memory.candidate_changes(config, n, p):
           if cached_plan(memory.with_changes(config, **changes), n).fits(gib):
             fix = (f"with {memory.describe(changes)}: "
                    f"{memory.gib(cached_plan(memory.with_changes(config, **changes), n).total)}")
