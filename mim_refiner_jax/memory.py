@@ -11,9 +11,13 @@ the total = arguments + temporaries + outputs not aliased to the donated state.
 
 On a CPU host the step is compiled for simulated CPU devices (the tool sets XLA_FLAGS
 --xla_force_host_platform_device_count). The state bytes are exact for any backend; the
-temporaries are XLA:CPU's buffer assignment, which only approximates GPU/TPU: XLA:CPU runs bf16
-matmuls through f32 copies and has no fused (flash) attention, both of which make it
-overestimate activations, while GPU/TPU runtimes add workspace and fragmentation it does not see.
+temporaries are XLA:CPU's buffer assignment, which only approximates GPU/TPU: XLA:CPU may keep f32
+copies around bf16 matmuls and has no fused (flash) attention (the [B, heads, T, T] scores are
+materialised), both of which make it overestimate activations, while GPU/TPU runtimes add
+workspace and fragmentation it does not see. Measured: ViT-L/16 stage 3 comes out at ~2 GiB per
+sample per device, while about 100 samples fit an A100-80GB in the reference's PyTorch runs
+(refiner_facts section 11, issue #11; README "Will it fit?"): read verdicts dominated by
+activations as conservative, by up to ~2.5x.
 """
 
 import dataclasses
