@@ -249,3 +249,20 @@ def state_bytes_real(state) -> dict:
     out[name] = sum(s.data.nbytes for leaf in jax.tree.leaves(sub)
                     for s in leaf.addressable_shards if s.device == dev)
   return out
+
+
+def remat_check(width: int = 256, depth: int = 8, batch: int = 64) -> dict:
+  """Temporaries (bytes) of the gradient of a ViT without and with remat on this backend: shows
+  whether the backend's buffer assignment reflects what remat saves (XLA:CPU's does not)."""
+  from mim_refiner_jax.models.vit import ViT  # pylint: disable=g-import-not-at-top
+  images = jnp.zeros((batch, 64, 64, 3), jnp.float32)
+  out = {}
+  for remat in (False, True):
+    vit = ViT(patch_size=8, width=width, depth=depth, num_heads=4, pos_grid=8, remat=remat)
+    variables = vit.init(jax.random.PRNGKey(0), images[:1])
+    loss = lambda p, vit=vit, v=variables: jnp.sum(
+        vit.apply({"params": p, "buffers": v["buffers"]}, images)[0] ** 2)
+    compiled = jax.jit(jax.grad(loss)).lower(variables["params"]).compile()
+    out[remat] = compiled.memory_analysis().temp_size_in_bytes
+  return out
+

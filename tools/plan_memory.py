@@ -126,6 +126,9 @@ def main(argv=None):
                       help="the README table: paper runs on 8 and 32 A100-80GB, H100-80GB, v5p")
   parser.add_argument("--runs", default="", help="with --table: comma-separated config specs")
   parser.add_argument("--out", default="", help="with --table: also write the table here")
+  parser.add_argument("--remat-check", action="store_true",
+                      help="only print a ViT gradient's temporaries without and with remat on "
+                           "this backend (does its buffer assignment see what remat saves?)")
   args = parser.parse_args(argv)
   args.overrides = overrides
   from_table = max(TABLE_COUNTS) if args.table else args.devices
@@ -143,6 +146,11 @@ def main(argv=None):
     raise SystemExit(f"unknown --device {args.device!r}; known: "
                      f"{', '.join(memory.DEVICE_MEMORY_GIB)}")
   log = lambda msg: print(msg, file=sys.stderr, flush=True)
+  if args.remat_check:
+    temp = memory.remat_check()
+    print(f"ViT width 256, depth 8, batch 64, gradient temporaries: without remat "
+          f"{temp[False] / 2**20:.0f} MiB, with remat {temp[True] / 2**20:.0f} MiB")
+    return 0
   if args.table:
     print(table(args, log))
     return 0
