@@ -21,11 +21,12 @@ def refinement_config(*, stage: int, vit_size: str, patch_size: int, prenorm: bo
   c.seed = 0
   c.stage = stage
 
-  # Encoder (section 1). compute_dtype bfloat16 matches the reference's bf16 autocast (1.5).
+  # Encoder (section 1). compute_dtype bfloat16 matches the reference's bf16 autocast (1.5);
+  # head_dtype bfloat16 the autocast boundaries of heads and NNA logits (models/heads.py).
   # num_heads: 0 = from the file or the size table; set it for a timm/MAE file whose width is
   # not a known size (timm/MAE state dicts from elsewhere do not record it).
   c.model = dict(size=vit_size, patch_size=patch_size, prenorm=prenorm, image_size=224,
-                 compute_dtype="bfloat16", remat=remat, num_heads=0)
+                 compute_dtype="bfloat16", head_dtype="bfloat16", remat=remat, num_heads=0)
   # Stage 2 starts from converted pre-trained weights (any format tools/convert_weights.py reads);
   # stage 3 from the last checkpoint of a stage-2 workdir: encoder, heads, BN stats and queues.
   c.init = dict(pretrained=pretrained if stage == 2 else "",
@@ -60,8 +61,10 @@ def refinement_config(*, stage: int, vit_size: str, patch_size: int, prenorm: bo
       resize_size=256, crop_size=224, batch_size=1024, k=10, tau=0.07,
       features=f"block{depth - 1}_cls,block{depth - 1}_patch_mean"))
 
-  # Mesh (data, fsdp): -1 takes all remaining devices. "fsdp" rules shard big params.
-  c.sharding = dict(data=-1, fsdp=1, rules=sharding_rules)
+  # Mesh (data, fsdp): -1 takes all remaining devices. "fsdp" rules shard parameters, Adam moments
+  # and EMA over the "fsdp" axis, which then holds every device (fsdp=-1); the batch is split over
+  # both axes either way (sharding.py).
+  c.sharding = dict(data=-1, fsdp=-1 if sharding_rules == "fsdp" else 1, rules=sharding_rules)
   c.checkpoint = dict(every_steps=1000, keep=3)
   c.log_every_steps = 50
   return c

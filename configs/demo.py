@@ -21,7 +21,7 @@ def get_config(arg=None):
   c.stage = args.stage
   c.model = dict(size="",  # "": taken from the checkpoint
                  patch_size=4, prenorm=True, image_size=32,
-                 compute_dtype="float32", remat=False,
+                 compute_dtype="float32", head_dtype="float32", remat=False,
                  num_heads=0)  # 0: from the checkpoint (or the size table for timm/MAE files)
   c.init = dict(pretrained="workdirs/demo/mae" if args.stage == 2 else "",
                 stage2_workdir="workdirs/demo/s2" if args.stage == 3 else "")

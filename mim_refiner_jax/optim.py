@@ -14,6 +14,8 @@ lr(s) * lr_scale. Frozen leaves get a zero update, no decay and no Adam moments.
 
 The chain is one `optax.chain` whose state holds no per-leaf Python objects:
   0. `optax.partition`: Adam moments for trainable leaves, `set_to_zero` for frozen ones;
+     stage 2 (`freeze_encoder`) goes further: the whole chain only sees the `{"heads": ...}`
+     subtree (`optimized_params`), so the step differentiates and updates the heads alone;
   1. per-leaf lr_scale and decoupled weight decay, both derived from the leaf's path (stateless);
   2. `optax.scale_by_learning_rate(schedule)`: its `count` is the update counter (see
      `optimizer_step`), so the schedule position is restored with the optimizer state.
@@ -251,7 +253,33 @@ def make_optimizer(params, *, base_lr: float, global_batch_size: int, warmup_ste
       _scale_and_decay(rules),
       optax.scale_by_learning_rate(lr_fn),
   )
+  if freeze_encoder:
+    tx = _heads_only(tx)
   return tx, lr_fn
+
+
+def optimized_params(params, freeze_encoder: bool):
+  """The subtree the optimizer works on: `{"heads": ...}` in stage 2, else all params."""
+  return {"heads": params["heads"]} if freeze_encoder else params
+
+
+def _heads_only(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """Stage 2: `inner` sees only `{"heads": ...}`, so no encoder-sized gradient, update or state
+  exists (the paths keep their "heads/" prefix for the rules above). `init` and `update` accept
+  the full params and pick the heads; the gradients must be the heads subtree."""
+
+  def init_fn(params):
+    return inner.init(optimized_params(params, True))
+
+  def update_fn(updates, state, params=None):
+    if set(updates) != {"heads"}:
+      raise ValueError(f"the stage-2 optimizer updates the heads only; got gradients for "
+                       f"{sorted(updates)}: differentiate optim.optimized_params(params, True)")
+    if params is not None:
+      params = optimized_params(params, True)
+    return inner.update(updates, state, params)
+
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 def optimizer_step(opt_state) -> jax.Array:

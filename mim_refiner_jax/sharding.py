@@ -1,8 +1,11 @@
 """Mesh, sharding rules and global batches (big_vision manner; ENGINEERING.md sections 1.2-1.3, 2).
 
 The mesh has two axes, ("data", "fsdp"), both `AxisType.Auto` (GSPMD-style: XLA inserts the
-collectives). The batch is split over all devices (both axes). Parameters are replicated, or
-sharded over "fsdp" by the "fsdp" rule set, which is a config change only.
+collectives). The batch is split over all devices (both axes, `BATCH_AXES`). Parameters are
+replicated ("replicate" rules), or sharded over the "fsdp" axis ("fsdp" rules). The "fsdp" rules
+only shard when the "fsdp" axis has more than one device: `make_mesh(fsdp=-1)` (the configs'
+default with `sharding.rules=fsdp`) puts every device on it, so parameters, Adam moments and EMA
+take 1/N of their bytes per device; with `fsdp=1` they stay replicated.
 
 Sharding rules are a list of `(regex, spec)` pairs matched against "/"-joined pytree paths, e.g.
 "params/encoder/blocks_3/attn/qkv/kernel", "opt/0/mu/heads/...", "queues/<head>/x". The first
@@ -29,9 +32,20 @@ MIN_FSDP_SIZE = 2**14          # elements; smaller arrays are not worth a gather
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None):
-  """A ("data", "fsdp") mesh of Auto axes over `devices` (default: all); -1 = the rest."""
+  """A ("data", "fsdp") mesh of Auto axes over `devices` (default: all).
+
+  -1 takes the devices the other axis leaves; `fsdp=-1` with `data=-1` gives every device to
+  "fsdp" (data 1). Several slices joined over a slow network: set `fsdp` to the devices of one
+  slice and let `data` span the slices.
+  """
   devices = list(jax.devices() if devices is None else devices)
   n = len(devices)
+  if fsdp == -1:
+    if data == -1:
+      data = 1
+    if data < 1 or n % data:
+      raise ValueError(f"data={data} must be >= 1 and divide the device count {n}")
+    fsdp = n // data
   if fsdp < 1 or n % fsdp:
     raise ValueError(f"fsdp={fsdp} must be >= 1 and divide the device count {n}")
   if data == -1:
@@ -48,6 +62,7 @@ def state_rules(name: str = "replicate", min_fsdp_size: int = MIN_FSDP_SIZE) -> 
   """Rules for the train state: "replicate" (data parallel) or "fsdp" (parameters, EMA and
   optimizer state sharded over "fsdp"). Queues are always split over all devices (section 5)."""
   rules: list[tuple[str, Any]] = [(r"^queues/[^/]+/(x|idx|label|age)$", "all_devices")]
+  # "fsdp" shards by shape over the "fsdp" mesh axis; with an axis of size 1 nothing is sharded.
   if name == "fsdp":
     rules.append((r"^(params|ema|opt)/", ("fsdp", min_fsdp_size)))
   elif name != "replicate":

@@ -157,10 +157,17 @@ def head_specs(config) -> list[config_lib.HeadSpec]:
 # ------------------------------------------------------------------------------- model, optimizer
 def build_model(config, vit_kwargs: dict) -> Refiner:
   dtype = jnp.dtype(config.model.compute_dtype)
-  encoder = ViT(**vit_kwargs, dtype=dtype, remat=config.model.remat)
+  # Stage 3 cuts the backward pass at the frozen blocks (pre-norm ViTs; models/vit.py says why).
+  frozen = config.optim.frozen_blocks if config.stage == 3 and vit_kwargs["prenorm"] else 0
+  encoder = ViT(**vit_kwargs, dtype=dtype, remat=config.model.remat, frozen_blocks=frozen)
   head = IDHead(proj_hidden_dim=config.heads.proj_hidden, pred_hidden_dim=config.heads.pred_hidden,
-                output_dim=config.heads.out_dim, dtype=dtype)
+                output_dim=config.heads.out_dim, dtype=head_dtype(config))
   return Refiner(encoder, head_specs(config), head)
+
+
+def head_dtype(config):
+  """Dtype of heads and NNA logits (models/heads.py); old configs: the compute dtype."""
+  return jnp.dtype(config.model.get("head_dtype", config.model.compute_dtype))
 
 
 def check_architecture(config, vit_kwargs: dict, where: str):
@@ -494,6 +501,7 @@ def _train(config, workdir: str, stop_after: int | None, guard: WorkdirGuard):
       local_view_indexing=config.loss.local_view_indexing,
       ema_decay=config.ema_decay if with_ema else None, freeze_encoder=stage2,
       sim_dtype=jnp.dtype(config.queue.similarity_dtype), lr_fn=lr_fn,
+      logits_dtype=None if head_dtype(config) == jnp.float32 else head_dtype(config),
       batch_shardings=sharding_lib.batch_shardings(mesh, batch_example))
   abstract_batch = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct((x.shape[0] * jax.process_count(),) + x.shape[1:]

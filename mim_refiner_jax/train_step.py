@@ -1,8 +1,9 @@
 """One refinement step: forward over all views, NN retrieval, NNA loss, update, EMA, enqueue.
 
 Batch layout (from the loader; global arrays, batch axis sharded over all devices):
-  {"global": [2, B, G, G, 3] float32 NHWC, view-major (g1, g2),
-   "local":  [n, B, L, L, 3] float32 (optional; n local views),
+  {"global": [2, B, G, G, 3] uint8 NHWC pixels (normalised on the device, Refiner.normalize) or
+             normalised float32, view-major (g1, g2),
+   "local":  [n, B, L, L, 3] likewise (optional; n local views),
    "label":  [B] int32 (optional; only for the nn-accuracy metric),
    "index":  [B] int32 dataset index (queue self-exclusion)}
 B is the global batch. The view axis stays separate from the (sharded) batch axis throughout
@@ -26,11 +27,11 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mim_refiner_jax import optim
 from mim_refiner_jax import sharding as sharding_lib
 from mim_refiner_jax.models.refiner import Refiner
 from mim_refiner_jax.objectives import nna
 from mim_refiner_jax.objectives import queue as queue_lib
-from mim_refiner_jax.optim import ema_update
 
 STANDARD_BATCH = {"global": jax.ShapeDtypeStruct((2, 2, 2, 2, 3), jnp.float32),
                   "local": jax.ShapeDtypeStruct((2, 2, 2, 2, 3), jnp.float32),
@@ -41,8 +42,9 @@ STANDARD_BATCH = {"global": jax.ShapeDtypeStruct((2, 2, 2, 2, 3), jnp.float32),
 def make_train_step(model: Refiner, tx: optax.GradientTransformation, mesh, state_shardings, *,
                     topk: int, temperatures: dict | None = None,
                     local_view_indexing: str = "reference", ema_decay: float | None = None,
-                    freeze_encoder: bool = False, sim_dtype=jnp.bfloat16, lr_fn=None,
-                    batch_shardings=None, queue_axes: Sequence[str] = queue_lib.QUEUE_AXES,
+                    freeze_encoder: bool = False, sim_dtype=jnp.bfloat16, logits_dtype=None,
+                    lr_fn=None, batch_shardings=None,
+                    queue_axes: Sequence[str] = queue_lib.QUEUE_AXES,
                     max_traces: int | None = None):
   """Returns `step(state, batch) -> (state, metrics)`, jitted, the state donated.
 
@@ -55,9 +57,11 @@ def make_train_step(model: Refiner, tx: optax.GradientTransformation, mesh, stat
     temperatures: {head name: tau}; default: each HeadSpec's temperature.
     local_view_indexing: "reference" (the official quirk) or "corrected" (objectives/nna.py).
     ema_decay: EMA of the encoder params after every step (stage 3: 0.9999); None = no EMA.
-    freeze_encoder: stage 2: gradients only for the heads; the encoder params are returned
-      unchanged (no encoder backward pass is computed).
+    freeze_encoder: stage 2: gradients only for the heads, `tx` must be the stage-2 optimizer
+      (make_optimizer(freeze_encoder=True): heads subtree only); the encoder params are returned
+      unchanged and no encoder backward pass is built.
     sim_dtype: dtype of the retrieval similarity matmul (reference: bf16).
+    logits_dtype: dtype of the NNA logits matmul (reference: bf16 under autocast; None = fp32).
     lr_fn: optional schedule `step -> lr`, logged as metric "lr".
     batch_shardings: shardings of the batch dict; default: the standard layout above with all
       four keys (use sharding.batch_shardings(mesh, batch) for another key set).
@@ -104,7 +108,7 @@ def make_train_step(model: Refiner, tx: optax.GradientTransformation, mesh, stat
     params = state["params"]
 
     def loss_fn(trainable):
-      full = {"encoder": params["encoder"], "heads": trainable} if freeze_encoder else trainable
+      full = dict(params, **trainable)  # stage 2: the frozen encoder enters as a constant
       outputs, new_stats = model.apply(full, state["buffers"], state["batch_stats"],
                                        global_views, local_views, train=True,
                                        freeze_encoder=freeze_encoder)
@@ -118,27 +122,25 @@ def make_train_step(model: Refiner, tx: optax.GradientTransformation, mesh, stat
             axes=queue_axes)
         loss, loss_metrics = nna.nna_loss(
             anchors, neighbours, p, temperature=temperatures[h.name],
-            local_view_indexing=local_view_indexing)
+            local_view_indexing=local_view_indexing, logits_dtype=logits_dtype)
         total = total + loss
         metrics.update({f"{h.name}/{k}": v for k, v in {**loss_metrics, **nn_metrics}.items()})
         view0[h.name] = anchors[0]
       return total, (metrics, new_stats, view0)
 
-    trainable = params["heads"] if freeze_encoder else params
+    # Stage 2 differentiates the heads only: no encoder backward, gradient or update exists (the
+    # stage-2 optimizer works on this subtree, optim.optimized_params).
+    trainable = optim.optimized_params(params, freeze_encoder)
     (loss, (metrics, new_stats, view0)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         trainable)
-    if freeze_encoder:  # the optimizer sees the full tree; frozen leaves get zero gradients
-      grads = {"encoder": jax.tree.map(jnp.zeros_like, params["encoder"]), "heads": grads}
-    updates, opt_state = tx.update(grads, state["opt"], params)
-    new_params = optax.apply_updates(params, updates)
-    if freeze_encoder:  # bit-exact: whatever the optimizer does with zero gradients
-      new_params = {"encoder": params["encoder"], "heads": new_params["heads"]}
+    updates, opt_state = tx.update(grads, state["opt"], trainable)
+    new_params = dict(params, **optax.apply_updates(trainable, updates))
 
     new_state = dict(state)
     new_state.update(step=state["step"] + 1, params=new_params, opt=opt_state,
                      batch_stats=new_stats)
     if ema_decay is not None:
-      new_state["ema"] = ema_update(state["ema"], new_params["encoder"], ema_decay)
+      new_state["ema"] = optim.ema_update(state["ema"], new_params["encoder"], ema_decay)
     new_state["queues"] = {
         name: queue_lib.enqueue(state["queues"][name], view0[name], index, label, mesh=mesh,
                                 axes=queue_axes)

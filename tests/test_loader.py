@@ -36,8 +36,8 @@ def test_train_batch_layout(source):
                                 process_count=2)
   batch = next(it)
   shapes = {k: (v.shape, v.dtype) for k, v in batch.items()}
-  assert shapes == {"global": ((2, 4, 16, 16, 3), np.float32),
-                    "local": ((3, 4, 8, 8, 3), np.float32),
+  assert shapes == {"global": ((2, 4, 16, 16, 3), np.uint8),
+                    "local": ((3, 4, 8, 8, 3), np.uint8),
                     "label": ((4,), np.int32), "index": ((4,), np.int32),
                     "num_skipped": ((4,), np.int32)}
   for r in range(4):

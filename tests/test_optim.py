@@ -272,8 +272,10 @@ def test_updates_match_torch_adamw(case, prenorm):
     assert int(optim.optimizer_step(state)) == s
     assert float(lr_fn(optim.optimizer_step(state))) == pytest.approx(
         ref_schedule(s, peak, WARMUP, TOTAL), rel=2e-6)
-    updates, state = update(jax.tree.map(jnp.asarray, grads), state, params)
-    params = optax.apply_updates(params, updates)
+    # stage 2: the optimizer sees the heads subtree only (optim.optimized_params)
+    sub = lambda t: optim.optimized_params(t, kwargs.get("freeze_encoder", False))
+    updates, state = update(sub(jax.tree.map(jnp.asarray, grads)), state, params)
+    params = dict(params, **optax.apply_updates(sub(params), updates))
     for group in torch_opt.param_groups:
       group["lr"] = ref_schedule(s, peak, WARMUP, TOTAL) * group["lr_scale"]
     for path, g in flat(grads).items():

@@ -14,7 +14,7 @@ def get_config(arg=None):
   c.seed = 0
   c.stage = args.stage
   c.model = dict(size="mu", patch_size=4, prenorm=True, image_size=16,
-                 compute_dtype="float32", remat=False)
+                 compute_dtype="float32", head_dtype="float32", remat=False)
   c.init = dict(pretrained="", stage2_workdir="")
   c.heads = dict(names="nnclr_temp02_cls,nnclr_temp02_cls0", proj_hidden=32, pred_hidden=32,
                  out_dim=16)

@@ -16,8 +16,9 @@ format of worker processes differs from the in-process one).
 Per-host training batch, b = global_batch_size // process_count, views VIEW-MAJOR (the encoder
 runs once per resolution group, and the pooled rows are [g1(B); g2(B); l1(B); ...],
 refiner_facts.md section 4):
-  "global":      float32 [2, b, G, G, 3]   global views 1 and 2, normalised NHWC
-  "local":       float32 [n, b, L, L, 3]   local views ([0, b, L, L, 3] when n = 0)
+  "global":      uint8 [2, b, G, G, 3]     global views 1 and 2, NHWC pixels (normalised on the
+                                           device by the step: models/refiner.py)
+  "local":       uint8 [n, b, L, L, 3]     local views ([0, b, L, L, 3] when n = 0)
   "label":       int32 [b]
   "index":       int32 [b]                 dataset index (NN-queue self-exclusion)
   "num_skipped": int32 [b]                 unreadable files skipped to fill the row; sum it for

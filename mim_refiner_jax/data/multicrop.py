@@ -19,7 +19,7 @@ Per view, in the reference order (section 9):
 `color_augs=False` keeps only crop and flip. Every size is configurable, so tiny models on 32 px
 images work (e.g. global 32, local 16, eval resize 36 -> crop 32).
 
-Output of `MultiCrop(cfg)(record, rng)` (NHWC, ImageNet-normalised float32):
+Output of `MultiCrop(cfg)(record, rng)` (NHWC uint8; the train step normalises on the device):
   {"global": [2, G, G, 3], "local": [n, L, L, 3] ([0, L, L, 3] when n = 0), "label", "index",
    "num_skipped"}.
 """
@@ -193,6 +193,13 @@ def solarize(img: Image.Image, threshold: int) -> Image.Image:
   return ImageOps.solarize(img, threshold)
 
 
+def normalize_table(mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+  """`[C, 256]` float32: the normalised value of each uint8 level per channel (float32 arithmetic
+  of ToTensor + Normalize). The train step looks pixels up in it on the device (Refiner)."""
+  levels = np.arange(256, dtype=np.float32)[:, None] / np.float32(255)
+  return ((levels - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)).T.copy()
+
+
 def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
   """uint8 [..., 3] -> float32 (x / 255 - mean) / std, as ToTensor + Normalize (but NHWC).
 
@@ -202,8 +209,7 @@ def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) ->
   image = np.asarray(image)
   if image.dtype != np.uint8 or image.shape[-1] != len(mean):
     raise ValueError(f"expected uint8 [..., {len(mean)}] pixels, got {image.dtype} {image.shape}")
-  levels = np.arange(256, dtype=np.float32)[:, None] / np.float32(255)
-  table = ((levels - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)).T.copy()
+  table = normalize_table(mean, std)
   out = np.empty(image.shape, np.float32)
   for c in range(image.shape[-1]):
     np.take(table[c], image[..., c], out=out[..., c], mode="clip")  # uint8: always in range
@@ -342,7 +348,12 @@ def _passthrough(record: dict) -> dict:
 
 
 class MultiCrop:
-  """record {"image": uint8 HxWx3, "label", "index"} + rng -> normalised global and local views."""
+  """record {"image": uint8 HxWx3, "label", "index"} + rng -> uint8 global and local views.
+
+  The views stay uint8 (a quarter of float32's bytes on the host and across PCIe/ICI); the train
+  step normalises them on the device with `cfg.mean`, `cfg.std` (Refiner.normalize), the same
+  float32 arithmetic as `normalize` here.
+  """
 
   def __init__(self, cfg: Any = None):
     self.cfg = MultiCropConfig.from_config(cfg)
@@ -367,8 +378,8 @@ class MultiCrop:
     views = self.views_uint8(record["image"], rng)
     local = (np.stack(views[2:]) if c.num_local
              else np.zeros((0, c.local_size, c.local_size, 3), np.uint8))
-    return {"global": normalize(np.stack(views[:2]), c.mean, c.std),
-            "local": normalize(local, c.mean, c.std), **_passthrough(record)}
+    # uint8: normalised on the device by the train step (models/refiner.py), with c.mean/c.std
+    return {"global": np.stack(views[:2]), "local": local, **_passthrough(record)}
 
 
 class EvalTransform:

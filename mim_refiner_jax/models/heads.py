@@ -73,25 +73,31 @@ class LinearBN(nn.Module):
   """Bias-free Linear -> BatchNorm [-> exact GELU]: one `nn.Sequential` of the reference MLPs."""
   features: int
   gelu: bool
-  dtype: Any = jnp.float32  # matmul dtype (bf16 under the reference's autocast, section 1.5)
+  dtype: Any = jnp.float32  # matmul and activation dtype (bf16: the reference's autocast, 1.5)
 
   @nn.compact
   def __call__(self, x, train: bool):
     x = nn.Dense(self.features, use_bias=False, dtype=self.dtype,
                  kernel_init=nn.initializers.xavier_uniform(), name="dense")(x)
-    x = TorchBatchNorm(name="bn")(x, train)
-    return nn.gelu(x, approximate=False) if self.gelu else x
+    x = TorchBatchNorm(dtype=self.dtype, name="bn")(x, train)
+    if self.gelu:  # torch computes a bf16 GELU in fp32 and rounds the result
+      x = nn.gelu(x.astype(jnp.float32), approximate=False).astype(self.dtype)
+    return x
 
 
 class IDHead(nn.Module):
-  """Projector + predictor. Returns `(z, p)`, both `[..., output_dim]` fp32, un-normalised.
+  """Projector + predictor. Returns `(z, p)`, both `[..., output_dim]` in `dtype`, un-normalised.
 
   Attributes:
     proj_hidden_dim, proj_hidden_layers: projector width and number of hidden h->h layers
       (reference preset "base": 2048 and 1, i.e. 3 Linear layers).
     pred_hidden_dim, pred_hidden_layers: predictor width and hidden layers ("base": 4096 and 0).
     output_dim: size of z and p (256).
-    dtype: matmul dtype; BatchNorm and outputs stay fp32.
+    dtype: the head dtype (config `model.head_dtype`). bfloat16 reproduces torch bf16 autocast
+      (refiner_facts 1.5): Linear in bf16 with bf16 results, BatchNorm statistics and
+      normalisation computed in fp32 from the bf16 input and rounded back to bf16 (torch's
+      batch_norm keeps the input dtype), GELU computed in fp32 and rounded; so z and p are bf16.
+      float32: everything fp32.
   """
   proj_hidden_dim: int = 2048
   pred_hidden_dim: int = 4096

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from mim_refiner_jax.config import HeadSpec
+from mim_refiner_jax.data.multicrop import IMAGENET_MEAN, IMAGENET_STD, normalize_table
 from mim_refiner_jax.models.heads import IDHead
 from mim_refiner_jax.models.vit import ViT
 
@@ -42,9 +43,12 @@ class Refiner:
     encoder: the ViT module.
     heads: head specs (name, block "main" or int, temperature, pooling "cls" | "mean").
     head: the IDHead module definition (sizes, dtype) used for every head.
+    mean, std: per-channel normalisation of uint8 views, applied on the device as the first op
+      (the loader ships uint8, a quarter of float32's bytes); float views are taken as normalised.
   """
 
-  def __init__(self, encoder: ViT, heads: Sequence[HeadSpec], head: IDHead):
+  def __init__(self, encoder: ViT, heads: Sequence[HeadSpec], head: IDHead,
+               mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
     names = [h.name for h in heads]
     if not heads or len(set(names)) != len(names):
       raise ValueError(f"need at least one head and unique head names, got {names}")
@@ -57,6 +61,7 @@ class Refiner:
     self.encoder = encoder
     self.heads = tuple(heads)
     self.head = head
+    self.mean, self.std = tuple(mean), tuple(std)
     self.blocks = tuple(sorted({h.block for h in heads if h.block != "main"}))
 
   def _pool(self, aux: dict, spec: HeadSpec) -> jax.Array:
@@ -65,8 +70,21 @@ class Refiner:
     table = aux["block_cls"] if spec.pooling == "cls" else aux["block_patch_mean"]
     return table[spec.block]
 
+  def normalize(self, views: jax.Array) -> jax.Array:
+    """uint8 pixels `[..., 3]` -> float32 `(x / 255 - mean) / std` (ToTensor + Normalize).
+
+    A lookup in the host-computed 256-level table of data/multicrop.normalize, so the values are
+    the host float path's bit for bit (XLA rewrites the arithmetic and would differ by an ulp).
+    Float views are returned unchanged (already normalised).
+    """
+    if views.dtype != jnp.uint8:
+      return views
+    table = jnp.asarray(normalize_table(self.mean, self.std).T)  # [256, C]
+    return table[views.astype(jnp.int32), jnp.arange(table.shape[1])]
+
   def encode(self, encoder_params, buffers, global_views, local_views=None) -> dict:
-    """Pooled features `{head: [2 + n, B, D]}` (fp32) of `[2, B, G, G, 3]`, `[n, B, L, L, 3]`."""
+    """Pooled features `{head: [2 + n, B, D]}` (fp32) of `[2, B, G, G, 3]`, `[n, B, L, L, 3]`
+    views, uint8 (normalised here) or normalised float."""
     groups = [global_views] if local_views is None else [global_views, local_views]
     pooled = {h.name: [] for h in self.heads}
     for views in groups:
@@ -74,6 +92,7 @@ class Refiner:
         raise ValueError(f"views must be [V, B, H, W, 3] (view-major), got shape {views.shape}")
       v, b = views.shape[:2]
       rows = jnp.swapaxes(views, 0, 1).reshape((b * v,) + views.shape[2:])  # sample-major
+      rows = self.normalize(rows)
       _, aux = self.encoder.apply({"params": encoder_params, "buffers": buffers}, rows,
                                   blocks=self.blocks)
       for h in self.heads:
@@ -113,7 +132,7 @@ class Refiner:
         encoder has no dropout/BN, so eval mode changes nothing else).
 
     Returns:
-      `({name: (z, p)}, new_batch_stats)` with z, p `[2 + n, B, d]` fp32.
+      `({name: (z, p)}, new_batch_stats)` with z, p `[2 + n, B, d]` in the head's dtype.
     """
     features = self.encode(params["encoder"], buffers, global_views, local_views)
     outputs, new_stats = {}, {}

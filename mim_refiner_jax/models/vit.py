@@ -156,6 +156,10 @@ class ViT(nn.Module):
     dtype: compute dtype of convolutions, linears and attention. Parameters, LayerNorms, the
       position table and the residual stream stay fp32, matching torch bf16 autocast.
     remat: rematerialise each block in the backward pass (saves activation memory for 2B).
+    frozen_blocks: the stem and blocks 0..n-1 are frozen (2B stage 3: 6, refiner_facts section 7):
+      the residual stream (and any block output read before it) is stop_gradient'ed after block
+      n-1, so no backward pass is built through them. Pre-norm only: a post-norm model's
+      `embed_norm` before block 0 stays trainable in the reference and needs that backward.
   """
   patch_size: int = 16
   width: int = 1024
@@ -166,6 +170,7 @@ class ViT(nn.Module):
   pos_grid: int = 14
   dtype: Any = jnp.float32
   remat: bool = False
+  frozen_blocks: int = 0
 
   @nn.compact
   def __call__(self, images: jax.Array, blocks: Sequence[int] = (), keep: jax.Array | None = None):
@@ -180,6 +185,10 @@ class ViT(nn.Module):
     bad = [i for i in blocks if not 0 <= i < self.depth]
     if bad:
       raise ValueError(f"block indices {bad} out of range for a ViT of depth {self.depth}")
+    if self.frozen_blocks and not self.prenorm:
+      raise ValueError("frozen_blocks cuts the backward pass before block n, but a post-norm ViT's "
+                       "embed_norm stays trainable: freeze with the optimizer only (frozen_blocks=0"
+                       " here)")
 
     x = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
                 name="patch_embed")(images)
@@ -201,6 +210,8 @@ class ViT(nn.Module):
     for i in range(self.depth):
       x = block_cls(self.num_heads, int(self.mlp_ratio * d), self.prenorm, self.dtype,
                     name=f"blocks_{i}")(x)
+      if i < self.frozen_blocks:  # nothing trainable before this point: no backward through it
+        x = jax.lax.stop_gradient(x)
       if i in wanted:
         aux["block_cls"][i] = x[:, 0]
         aux["block_patch_mean"][i] = x[:, 1:].mean(axis=1)

@@ -41,10 +41,23 @@ def pair_sets(num_local_views: int, local_view_indexing: str):
   return global_pairs, local_pairs
 
 
-def nna_term(anchor: jax.Array, neighbour: jax.Array, prediction: jax.Array, temperature: float):
-  """T(a, b) for normalised `anchor`, `neighbour`, `prediction` `[N, d]`: (loss, alignment)."""
-  logits = anchor @ prediction.T / temperature                         # [N, N] negatives
-  positive = jnp.sum(neighbour * prediction, axis=-1) / temperature    # [N] NN-swapped diagonal
+def nna_term(anchor: jax.Array, neighbour: jax.Array, prediction: jax.Array, temperature: float,
+             logits_dtype=None):
+  """T(a, b) for normalised `anchor`, `neighbour`, `prediction` `[N, d]`: (loss, alignment).
+
+  `logits_dtype` bf16 reproduces the reference under autocast (sections 1.5, 13): bf16 matmuls
+  with bf16 results, the division by tau in bf16, the cross-entropy in fp32. None: all fp32.
+  """
+  if logits_dtype is None:
+    logits = anchor @ prediction.T / temperature                         # [N, N] negatives
+    positive = jnp.sum(neighbour * prediction, axis=-1) / temperature    # [N] NN-swapped diagonal
+  else:
+    cast = lambda x: x.astype(logits_dtype)
+    logits = jnp.dot(cast(anchor), cast(prediction).T, preferred_element_type=jnp.float32)
+    positive = jnp.sum(cast(neighbour).astype(jnp.float32) * cast(prediction), axis=-1)
+    # bf16 results of the matmuls, divided in bf16, upcast for the fp32 cross-entropy
+    logits, positive = ((cast(x) / jnp.asarray(temperature, logits_dtype)).astype(jnp.float32)
+                        for x in (logits, positive))
   n = logits.shape[0]
   logits = jnp.where(jnp.eye(n, dtype=bool), positive[:, None], logits)
   lse = jax.nn.logsumexp(logits, axis=-1)
@@ -54,7 +67,7 @@ def nna_term(anchor: jax.Array, neighbour: jax.Array, prediction: jax.Array, tem
 
 
 def nna_loss(anchors: jax.Array, neighbours: jax.Array, predictions: jax.Array, *,
-             temperature: float, local_view_indexing: str = "reference"):
+             temperature: float, local_view_indexing: str = "reference", logits_dtype=None):
   """NNA loss of one head.
 
   Args:
@@ -64,6 +77,7 @@ def nna_loss(anchors: jax.Array, neighbours: jax.Array, predictions: jax.Array, 
       view order g1, g2, l1, ... (section 4 "View order"). Carries the gradient.
     temperature: tau.
     local_view_indexing: "reference" (the official quirk) or "corrected".
+    logits_dtype: None (fp32) or bf16, the reference's autocast boundaries (see nna_term).
 
   Returns:
     `(loss, metrics)` with metrics loss, global_loss, local_loss (means over G and L; local_loss
@@ -84,7 +98,7 @@ def nna_loss(anchors: jax.Array, neighbours: jax.Array, predictions: jax.Array, 
   terms = {}  # (a, b) -> (loss, alignment); a pair that appears twice is computed once
   for a, b in global_pairs + local_pairs:
     if (a, b) not in terms:
-      terms[(a, b)] = nna_term(q[a], m[a], p[b], temperature)
+      terms[(a, b)] = nna_term(q[a], m[a], p[b], temperature, logits_dtype)
 
   def mean_over(pairs, what):
     if not pairs:
