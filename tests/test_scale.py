@@ -122,6 +122,7 @@ def _refiner(frozen_blocks=0):
   return model, variables, views
 
 
+@functools.lru_cache(maxsize=None)  # (0, False) serves both tests below: one compile less
 def _loss_and_grad(frozen_blocks, freeze_encoder):
   model, v, views = _refiner(frozen_blocks)
 

@@ -61,8 +61,7 @@ def plan_one(config, device, num_devices, search, log):
   devices = jax.devices()[:num_devices]
   gib = memory.DEVICE_MEMORY_GIB[device]
   if not search:
-    p = memory.plan(config, devices)
-    return p, None if p.fits(gib) else ()
+    return memory.plan(config, devices), None
   return memory.find_fit(config, gib, devices, log=log)
 
 
