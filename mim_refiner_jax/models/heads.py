@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mim_refiner_jax.models.vit import gelu_exact
+
 BN_EPS = 1e-5       # torch BatchNorm1d default
 BN_MOMENTUM = 0.1   # torch convention: running <- (1 - m) * running + m * batch
 
@@ -80,7 +82,7 @@ class LinearBN(nn.Module):
     x = nn.Dense(self.features, use_bias=False, dtype=self.dtype,
                  kernel_init=nn.initializers.xavier_uniform(), name="dense")(x)
     x = TorchBatchNorm(name="bn")(x, train)
-    return nn.gelu(x, approximate=False) if self.gelu else x
+    return gelu_exact(x) if self.gelu else x
 
 
 class IDHead(nn.Module):
