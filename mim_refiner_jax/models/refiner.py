@@ -58,6 +58,7 @@ class Refiner:
     self.heads = tuple(heads)
     self.head = head
     self.blocks = tuple(sorted({h.block for h in heads if h.block != "main"}))
+    self.cls_only = all(h.pooling == "cls" for h in heads)
 
   def _pool(self, aux: dict, spec: HeadSpec) -> jax.Array:
     if spec.block == "main":
@@ -74,8 +75,9 @@ class Refiner:
         raise ValueError(f"views must be [V, B, H, W, 3] (view-major), got shape {views.shape}")
       v, b = views.shape[:2]
       rows = jnp.swapaxes(views, 0, 1).reshape((b * v,) + views.shape[2:])  # sample-major
+      # With CLS pooling only, the last block computes the CLS row alone (models/vit.py).
       _, aux = self.encoder.apply({"params": encoder_params, "buffers": buffers}, rows,
-                                  blocks=self.blocks)
+                                  blocks=self.blocks, cls_only=self.cls_only)
       for h in self.heads:
         x = self._pool(aux, h)
         pooled[h.name].append(jnp.swapaxes(x.reshape(b, v, x.shape[-1]), 0, 1))

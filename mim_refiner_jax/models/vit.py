@@ -141,10 +141,13 @@ class Attention(nn.Module):
   impl: str = "einsum"
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, num_queries: int | None = None):
+    """`x` `[B, T, D]` -> `[B, T, D]`, or `[B, num_queries, D]`: only the first tokens query."""
     b, t, d = x.shape
+    nq = t if num_queries is None else num_queries
     if self.impl == "einsum":
       q, k, v = _HeadsLinear(self.num_heads, "qkv", self.dtype, name="qkv")(x)  # [B, H, T, dh]
+      q = q[:, :, :nq]
       scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
       logits = jnp.einsum("bhqk,bhsk->bhqs", q * scale, k, preferred_element_type=jnp.float32)
       probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
@@ -156,9 +159,9 @@ class Attention(nn.Module):
                               kernel_init=nn.initializers.xavier_uniform())
     qkv = dense(3 * d, name="qkv")(x).reshape(b, t, 3, self.num_heads, d // self.num_heads)
     out = jax.nn.dot_product_attention(
-        qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
+        qkv[:, :nq, 0], qkv[:, :, 1], qkv[:, :, 2],
         implementation="cudnn" if self.impl == "cudnn" else None)
-    return dense(d, name="proj")(out.reshape(b, t, d))
+    return dense(d, name="proj")(out.reshape(b, nq, d))
 
 
 def gelu_exact(x: jax.Array) -> jax.Array:
@@ -183,22 +186,29 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-  """Transformer block. The residual stream stays fp32; linears run in `dtype` (section 1.5)."""
+  """Transformer block. The residual stream stays fp32; linears run in `dtype` (section 1.5).
+
+  `cls_only`: compute the output of the CLS token only (`[B, 1, D]`; keys and values still come
+  from all tokens): the same CLS row, without the other rows' attention output and MLP.
+  """
   num_heads: int
   mlp_hidden: int
   prenorm: bool = True
   dtype: Any = jnp.float32
   attention: str = "einsum"
+  cls_only: bool = False
 
   @nn.compact
   def __call__(self, x):
     attn = Attention(self.num_heads, self.dtype, self.attention, name="attn")
     mlp = Mlp(self.mlp_hidden, self.dtype, name="mlp")
     norm1, norm2 = LayerNorm(name="norm1"), LayerNorm(name="norm2")
+    nq = 1 if self.cls_only else None
+    rows = x[:, :1] if self.cls_only else x
     if self.prenorm:  # x + Attn(LN x), x + MLP(LN x)
-      x = x + attn(norm1(x))
+      x = rows + attn(norm1(x), nq)
       return x + mlp(norm2(x))
-    x = norm1(x + attn(x))  # post-norm (data2vec 2.0): LN(x + Attn x), LN(x + MLP x)
+    x = norm1(rows + attn(x, nq))  # post-norm (data2vec 2.0): LN(x + Attn x), LN(x + MLP x)
     return norm2(x + mlp(x))
 
 
@@ -228,11 +238,15 @@ class ViT(nn.Module):
   attention: str = "einsum"
 
   @nn.compact
-  def __call__(self, images: jax.Array, blocks: Sequence[int] = (), keep: jax.Array | None = None):
+  def __call__(self, images: jax.Array, blocks: Sequence[int] = (), keep: jax.Array | None = None,
+               cls_only: bool = False):
     """Encodes `images` `[B, H, W, 3]` (normalised; H, W divisible by the patch size).
 
     `keep` `[B, K]` (optional) lists the patch indices (row-major) to keep, as MAE's random
     masking does after adding the position table; refinement never masks (section 1.1).
+    `cls_only`: only CLS outputs are wanted: the last block computes the CLS row alone, `out` is
+    `[B, 1, D]` and aux has no "patch_mean" (nor "block_patch_mean" of the last block); the CLS
+    values are the same (saves ~2/3 of the last block).
     """
     p, d = self.patch_size, self.width
     if images.shape[1] % p or images.shape[2] % p:
@@ -259,14 +273,17 @@ class ViT(nn.Module):
     wanted = set(blocks)
     aux = {"block_cls": {}, "block_patch_mean": {}}
     for i in range(self.depth):
+      last = cls_only and i == self.depth - 1
       x = block_cls(self.num_heads, int(self.mlp_ratio * d), self.prenorm, self.dtype,
-                    self.attention, name=f"blocks_{i}")(x)
+                    self.attention, last, name=f"blocks_{i}")(x)
       if i in wanted:
         aux["block_cls"][i] = x[:, 0]
-        aux["block_patch_mean"][i] = x[:, 1:].mean(axis=1)
+        if not last:
+          aux["block_patch_mean"][i] = x[:, 1:].mean(axis=1)
     out = LayerNorm(name="norm")(x) if self.prenorm else x
     aux["cls"] = out[:, 0]
-    aux["patch_mean"] = out[:, 1:].mean(axis=1)
+    if not cls_only:
+      aux["patch_mean"] = out[:, 1:].mean(axis=1)
     return out, aux
 
 
