@@ -238,3 +238,47 @@ def format_profile(prof: dict) -> str:
             f"| whole step (one jit) | {prof['whole step']:.3f} | |",
             f"| compile whole step | {prof['compile whole step']:.1f} | |"]
   return "\n".join(lines)
+
+
+def retrieval_rows(s: Setup, peer_module=None, threads: int | None = None, steps: int = 5) -> dict:
+  """Seconds per call of one head's retrieval + enqueue: ours (jitted, bf16 similarity, f32
+  selection) and, given the peer's module, its NNQueue in train mode (mask, top-k, enqueue) in
+  float32 and under bf16 autocast. Same shapes: 2B anchor rows, the preset's queue and top-k."""
+  cfg, mesh = s.cfg, s.mesh
+  rng = np.random.default_rng(0)
+  b = cfg.batch
+  z = rng.normal(size=(2, b, cfg.out_dim)).astype(np.float32)
+  index = np.arange(b, dtype=np.int32)
+  queue = s.state["queues"][s.model.heads[0].name]
+
+  def ours(queue, z, index, key):
+    nn_x, _ = queue_lib.retrieve(queue, z, jnp.broadcast_to(index, (2, b)), topk=s.topk, key=key,
+                                 mesh=mesh)
+    return nn_x, queue_lib.enqueue(queue, z[0], index, mesh=mesh)
+
+  fn = jax.jit(ours, donate_argnums=(0,))  # the queue is updated in place, as in the step
+  queue = jax.tree.map(jnp.copy, queue)
+  rows = {"ours (bf16 matmul, f32 top-k)": float(np.median(time_calls(
+      fn, (queue, z, index, jax.random.PRNGKey(0)), steps,
+      carry=lambda args, out: (out[1],) + tuple(args[1:]))))}
+  if peer_module is not None:
+    import torch  # pylint: disable=g-import-not-at-top
+    if threads:
+      torch.set_num_threads(threads)
+    q = peer_module.NNQueue(cfg.queue, cfg.out_dim, s.topk).train()
+    x = torch.from_numpy(z.reshape(2 * b, cfg.out_dim))
+    idx = torch.from_numpy(index.astype(np.int64))
+    for name, ctx in (("peer float32", None), ("peer bf16 autocast", torch.bfloat16)):
+      def call():
+        if ctx is None:
+          return q(x, idx, idx)
+        with torch.autocast("cpu", dtype=ctx):
+          return q(x, idx, idx)
+      call()
+      times = []
+      for _ in range(steps):
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+      rows[name] = float(np.median(times))
+  return rows
