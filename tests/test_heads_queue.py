@@ -177,6 +177,46 @@ def test_bf16_ties_break_the_same_on_any_shard_count(meshes):
   assert np.all(np.asarray(out["8dev"]) < 36)
 
 
+def bf16_topk_reference(queue, z, index, key, topk):
+  """The retrieval as it was before the f32 selection: top_k on the bf16 similarity, 1 device."""
+  zn = queue_lib.normalize(jnp.asarray(z)).astype(jnp.bfloat16)
+  qn = queue_lib.normalize(jnp.asarray(queue["x"])).astype(jnp.bfloat16)
+  sim = jnp.dot(zn, qn.T, preferred_element_type=jnp.bfloat16)
+  sim = jnp.where(jnp.asarray(index)[:, None] == jnp.asarray(queue["idx"])[None, :], -1, sim)
+  top = jax.lax.top_k(sim, topk)[1]
+  if topk == 1:
+    return top[:, 0]
+  choice = jax.random.randint(key, (len(z),), 0, topk)
+  return jnp.take_along_axis(top, choice[:, None], axis=1)[:, 0]
+
+
+@pytest.mark.parametrize("topk", [1, 20])  # stage 2 arg-max, stage 3 random top-20
+def test_f32_selection_matches_bf16_topk_with_ties(meshes, topk):
+  # Many exact ties: every vector has four entries +-1 (norm 2, so normalising is exact whatever
+  # the fusion) and the similarities are multiples of 1/4. The fast path (top_k on the bf16
+  # values widened to f32) must pick exactly the neighbours of top_k in bf16.
+  rng = np.random.default_rng(9)
+
+  def sparse_signs(n):
+    x = np.zeros((n, DIM), np.float32)
+    for row in x:
+      row[rng.choice(DIM, 4, replace=False)] = rng.choice([-1.0, 1.0], 4)
+    return x
+
+  queue = random_queue(8)
+  queue["x"] = sparse_signs(Q)
+  z = sparse_signs(48)
+  z[:8] = queue["x"][:8]  # exact matches
+  index = queue["idx"][rng.integers(0, Q, 48)]
+  index[::3] = -7
+  for seed in range(2):
+    key = jax.random.PRNGKey(seed)
+    expected = np.asarray(bf16_topk_reference(queue, z, index, key, topk))
+    for name, mesh in meshes.items():
+      pos = retrieve(queue, z, index, None, key, mesh=mesh, topk=topk, sim_dtype=jnp.bfloat16)[2]
+      np.testing.assert_array_equal(pos, expected, err_msg=name)
+
+
 def np_enqueue(queue, z, index, label):
   q = {k: np.array(v) for k, v in queue.items()}
   n = len(z)

@@ -118,3 +118,30 @@ def test_remat_gives_the_same_outputs_and_gradients():
   np.testing.assert_allclose(value_a, value_b, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                grads_a, grads_b)
+
+
+@pytest.mark.parametrize("prenorm", [True, False])
+def test_attention_impls_and_cls_only_agree(prenorm):
+  # The head-major einsum attention (default), jax.nn.dot_product_attention and the CLS-only last
+  # block give the same CLS features and encoder gradients (fp32, tolerance 1e-5 / 1e-4 rel).
+  images = jnp.asarray(np.random.default_rng(0).normal(size=(3, 16, 16, 3)), jnp.float32)
+  variables = ViT(**MU, prenorm=prenorm).init(jax.random.PRNGKey(0), images)
+
+  def run(attention, cls_only):
+    model = ViT(**MU, prenorm=prenorm, attention=attention)
+
+    def loss(params):
+      _, aux = model.apply({**variables, "params": params}, images, blocks=(0, 1),
+                           cls_only=cls_only)
+      feats = (aux["cls"], aux["block_cls"][0], aux["block_cls"][1])
+      return jnp.sum(jnp.sin(feats[0])) + jnp.sum(feats[1] * feats[2]), feats
+
+    return jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
+
+  ref_grads, ref_feats = run("dot_product_attention", False)
+  for attention, cls_only in [("einsum", False), ("einsum", True)]:
+    out_grads, out_feats = run(attention, cls_only)
+    for a, b in zip(out_feats, ref_feats):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 out_grads, ref_grads)

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mim_refiner_jax.models.vit import gelu_exact
+
 BN_EPS = 1e-5       # torch BatchNorm1d default
 BN_MOMENTUM = 0.1   # torch convention: running <- (1 - m) * running + m * batch
 
@@ -81,7 +83,7 @@ class LinearBN(nn.Module):
                  kernel_init=nn.initializers.xavier_uniform(), name="dense")(x)
     x = TorchBatchNorm(dtype=self.dtype, name="bn")(x, train)
     if self.gelu:  # torch computes a bf16 GELU in fp32 and rounds the result
-      x = nn.gelu(x.astype(jnp.float32), approximate=False).astype(self.dtype)
+      x = gelu_exact(x.astype(jnp.float32)).astype(self.dtype)
     return x
 
 

@@ -63,6 +63,7 @@ class Refiner:
     self.head = head
     self.mean, self.std = tuple(mean), tuple(std)
     self.blocks = tuple(sorted({h.block for h in heads if h.block != "main"}))
+    self.cls_only = all(h.pooling == "cls" for h in heads)
 
   def _pool(self, aux: dict, spec: HeadSpec) -> jax.Array:
     if spec.block == "main":
@@ -93,8 +94,9 @@ class Refiner:
       v, b = views.shape[:2]
       rows = jnp.swapaxes(views, 0, 1).reshape((b * v,) + views.shape[2:])  # sample-major
       rows = self.normalize(rows)
+      # With CLS pooling only, the last block computes the CLS row alone (models/vit.py).
       _, aux = self.encoder.apply({"params": encoder_params, "buffers": buffers}, rows,
-                                  blocks=self.blocks)
+                                  blocks=self.blocks, cls_only=self.cls_only)
       for h in self.heads:
         x = self._pool(aux, h)
         pooled[h.name].append(jnp.swapaxes(x.reshape(b, v, x.shape[-1]), 0, 1))

@@ -98,19 +98,79 @@ def sincos_pos_embed(grid: int, dim: int) -> np.ndarray:
 LayerNorm = functools.partial(nn.LayerNorm, epsilon=NORM_EPS, dtype=jnp.float32)
 
 
-class Attention(nn.Module):
-  """Fused-qkv multi-head self-attention; qkv output axis laid out (3, heads, head_dim)."""
+ATTENTION_IMPLS = ("einsum", "dot_product_attention", "cudnn")
+
+
+class _HeadsLinear(nn.Module):
+  """A Dense (kernel `[d_in, d_out]`, bias `[d_out]`, the names and init of nn.Dense) applied
+  head-major: "qkv" maps `[B, T, D] -> 3 x [B, H, T, dh]`, "proj" maps `[B, H, T, dh] -> [B, T, D]`.
+  Same parameters as the fused nn.Dense, so checkpoints and conversion do not change."""
   num_heads: int
+  mode: str  # "qkv" or "proj"
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
+    if self.mode == "qkv":
+      d_in = x.shape[-1]
+      d_out = 3 * d_in
+    else:
+      d_in = d_out = x.shape[1] * x.shape[3]
+    kernel = self.param("kernel", nn.initializers.xavier_uniform(), (d_in, d_out), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros_init(), (d_out,), jnp.float32)
+    x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
+    h = self.num_heads
+    if self.mode == "qkv":
+      dh = d_in // h
+      out = jnp.einsum("btd,dshk->sbhtk", x, kernel.reshape(d_in, 3, h, dh))
+      return out + bias.reshape(3, 1, h, 1, dh)
+    dh = d_in // h
+    return jnp.einsum("bhtk,hkd->btd", x, kernel.reshape(h, dh, d_out)) + bias
+
+
+class Attention(nn.Module):
+  """Fused-qkv multi-head self-attention; qkv output axis laid out (3, heads, head_dim).
+
+  `impl`: "einsum" (explicit softmax attention computed head-major, the fastest on XLA:CPU),
+  "dot_product_attention" (`jax.nn.dot_product_attention`, XLA path) or "cudnn" (the same with
+  `implementation="cudnn"`: flash attention on NVIDIA GPUs, bf16/fp16 only). All three have the
+  same parameters; logits and softmax are fp32.
+  """
+  num_heads: int
+  dtype: Any = jnp.float32
+  impl: str = "einsum"
+
+  @nn.compact
+  def __call__(self, x, num_queries: int | None = None):
+    """`x` `[B, T, D]` -> `[B, T, D]`, or `[B, num_queries, D]`: only the first tokens query."""
     b, t, d = x.shape
+    nq = t if num_queries is None else num_queries
+    if self.impl == "einsum":
+      q, k, v = _HeadsLinear(self.num_heads, "qkv", self.dtype, name="qkv")(x)  # [B, H, T, dh]
+      q = q[:, :, :nq]
+      scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+      logits = jnp.einsum("bhqk,bhsk->bhqs", q * scale, k, preferred_element_type=jnp.float32)
+      probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+      out = jnp.einsum("bhqs,bhsk->bhqk", probs, v)
+      return _HeadsLinear(self.num_heads, "proj", self.dtype, name="proj")(out)
+    if self.impl not in ATTENTION_IMPLS:
+      raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {self.impl!r}")
     dense = functools.partial(nn.Dense, dtype=self.dtype,
                               kernel_init=nn.initializers.xavier_uniform())
     qkv = dense(3 * d, name="qkv")(x).reshape(b, t, 3, self.num_heads, d // self.num_heads)
-    out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
-    return dense(d, name="proj")(out.reshape(b, t, d))
+    out = jax.nn.dot_product_attention(
+        qkv[:, :nq, 0], qkv[:, :, 1], qkv[:, :, 2],
+        implementation="cudnn" if self.impl == "cudnn" else None)
+    return dense(d, name="proj")(out.reshape(b, nq, d))
+
+
+def gelu_exact(x: jax.Array) -> jax.Array:
+  """Exact GELU `x/2 * (1 + erf(x/sqrt 2))`, torch's formula for nn.GELU().
+
+  `jax.nn.gelu(approximate=False)` goes through erfc, which XLA:CPU expands into branchy code that
+  costs ~10% of the encoder step; erf is one rational approximation.
+  """
+  return 0.5 * x * (1.0 + jax.lax.erf(x * np.sqrt(0.5).astype(x.dtype)))
 
 
 class Mlp(nn.Module):
@@ -121,26 +181,34 @@ class Mlp(nn.Module):
   def __call__(self, x):
     dense = functools.partial(nn.Dense, dtype=self.dtype,
                               kernel_init=nn.initializers.xavier_uniform())
-    h = nn.gelu(dense(self.hidden, name="fc1")(x), approximate=False)  # exact erf GELU
+    h = gelu_exact(dense(self.hidden, name="fc1")(x))
     return dense(x.shape[-1], name="fc2")(h)
 
 
 class Block(nn.Module):
-  """Transformer block. The residual stream stays fp32; linears run in `dtype` (section 1.5)."""
+  """Transformer block. The residual stream stays fp32; linears run in `dtype` (section 1.5).
+
+  `cls_only`: compute the output of the CLS token only (`[B, 1, D]`; keys and values still come
+  from all tokens): the same CLS row, without the other rows' attention output and MLP.
+  """
   num_heads: int
   mlp_hidden: int
   prenorm: bool = True
   dtype: Any = jnp.float32
+  attention: str = "einsum"
+  cls_only: bool = False
 
   @nn.compact
   def __call__(self, x):
-    attn = Attention(self.num_heads, self.dtype, name="attn")
+    attn = Attention(self.num_heads, self.dtype, self.attention, name="attn")
     mlp = Mlp(self.mlp_hidden, self.dtype, name="mlp")
     norm1, norm2 = LayerNorm(name="norm1"), LayerNorm(name="norm2")
+    nq = 1 if self.cls_only else None
+    rows = x[:, :1] if self.cls_only else x
     if self.prenorm:  # x + Attn(LN x), x + MLP(LN x)
-      x = x + attn(norm1(x))
+      x = rows + attn(norm1(x), nq)
       return x + mlp(norm2(x))
-    x = norm1(x + attn(x))  # post-norm (data2vec 2.0): LN(x + Attn x), LN(x + MLP x)
+    x = norm1(rows + attn(x, nq))  # post-norm (data2vec 2.0): LN(x + Attn x), LN(x + MLP x)
     return norm2(x + mlp(x))
 
 
@@ -160,6 +228,7 @@ class ViT(nn.Module):
       the residual stream (and any block output read before it) is stop_gradient'ed after block
       n-1, so no backward pass is built through them. Pre-norm only: a post-norm model's
       `embed_norm` before block 0 stays trainable in the reference and needs that backward.
+    attention: attention implementation, see `Attention.impl` and `ATTENTION_IMPLS`.
   """
   patch_size: int = 16
   width: int = 1024
@@ -171,13 +240,18 @@ class ViT(nn.Module):
   dtype: Any = jnp.float32
   remat: bool = False
   frozen_blocks: int = 0
+  attention: str = "einsum"
 
   @nn.compact
-  def __call__(self, images: jax.Array, blocks: Sequence[int] = (), keep: jax.Array | None = None):
+  def __call__(self, images: jax.Array, blocks: Sequence[int] = (), keep: jax.Array | None = None,
+               cls_only: bool = False):
     """Encodes `images` `[B, H, W, 3]` (normalised; H, W divisible by the patch size).
 
     `keep` `[B, K]` (optional) lists the patch indices (row-major) to keep, as MAE's random
     masking does after adding the position table; refinement never masks (section 1.1).
+    `cls_only`: only CLS outputs are wanted: the last block computes the CLS row alone, `out` is
+    `[B, 1, D]` and aux has no "patch_mean" (nor "block_patch_mean" of the last block); the CLS
+    values are the same (saves ~2/3 of the last block).
     """
     p, d = self.patch_size, self.width
     if images.shape[1] % p or images.shape[2] % p:
@@ -208,16 +282,19 @@ class ViT(nn.Module):
     wanted = set(blocks)
     aux = {"block_cls": {}, "block_patch_mean": {}}
     for i in range(self.depth):
+      last = cls_only and i == self.depth - 1
       x = block_cls(self.num_heads, int(self.mlp_ratio * d), self.prenorm, self.dtype,
-                    name=f"blocks_{i}")(x)
+                    self.attention, last, name=f"blocks_{i}")(x)
       if i < self.frozen_blocks:  # nothing trainable before this point: no backward through it
         x = jax.lax.stop_gradient(x)
       if i in wanted:
         aux["block_cls"][i] = x[:, 0]
-        aux["block_patch_mean"][i] = x[:, 1:].mean(axis=1)
+        if not last:
+          aux["block_patch_mean"][i] = x[:, 1:].mean(axis=1)
     out = LayerNorm(name="norm")(x) if self.prenorm else x
     aux["cls"] = out[:, 0]
-    aux["patch_mean"] = out[:, 1:].mean(axis=1)
+    if not cls_only:
+      aux["patch_mean"] = out[:, 1:].mean(axis=1)
     return out, aux
 
 
