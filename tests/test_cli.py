@@ -6,7 +6,6 @@ stage 2 -> 3 and resume field checks, and a failed start leaving the workdir as 
 Subprocesses run the real commands; everything that can run in-process does (no compiles).
 """
 
-import importlib.util
 import json
 import os
 import signal
@@ -143,10 +142,7 @@ def test_cli_image_folder_train_knn_and_knn_eval(pretrained, tmp_path, capsys):
   assert [r["step"] for r in rows if "loss" in r] == [1, 2]
   assert 0.0 <= rows[-1]["knn/cls"] <= 1.0
 
-  spec = importlib.util.spec_from_file_location("knn_eval", os.path.join(ROOT, "tools",
-                                                                         "knn_eval.py"))
-  knn_eval = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(knn_eval)
+  from mim_refiner_jax.tools import knn_eval  # pylint: disable=g-import-not-at-top
   export = str(workdir / "export" / "encoder_flax")
   args = ["--checkpoint", export, "--train", f"image_folder:{data}/train", "--test",
           f"image_folder:{data}/val", "--features", "cls", "--batch-size", "8"]

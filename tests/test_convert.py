@@ -7,7 +7,6 @@ and kappamodules lives in test_parity_timm.py / test_parity_kappamodules.py.
 
 import argparse
 import collections
-import importlib.util
 import os
 import pickle
 import subprocess
@@ -328,11 +327,7 @@ def test_fairseq_layout_and_bf16_weights(tmp_path):
 
 # ----------------------------------------------------------------------------- the CLI
 def test_convert_weights_cli(tmp_path, capsys):
-  spec = importlib.util.spec_from_file_location(
-      "convert_weights",
-      os.path.join(os.path.dirname(__file__), "..", "tools", "convert_weights.py"))
-  convert_weights = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(convert_weights)
+  from mim_refiner_jax.tools import convert_weights  # pylint: disable=g-import-not-at-top
   src = _mae_file(tmp_path)
   assert convert_weights.main(["--input", str(src), "--output", str(tmp_path / "flax"),
                                "--to", "flax"]) == 0

@@ -48,11 +48,7 @@ def _kappa_model(prenorm):
 
 
 def _load_tool(name):
-  spec = importlib.util.spec_from_file_location(
-      name, os.path.join(os.path.dirname(__file__), "..", "tools", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return importlib.import_module(f"mim_refiner_jax.tools.{name}")
 
 
 @pytest.fixture(scope="module")

@@ -126,8 +126,7 @@ import importlib, pkgutil
 import mim_refiner_jax
 for m in pkgutil.walk_packages(mim_refiner_jax.__path__, "mim_refiner_jax."):
   importlib.import_module(m.name)
-sys.path.insert(0, "tools")
-import convert_weights
+from mim_refiner_jax.tools import convert_weights
 for to, dtype in (("refined", "bfloat16"), ("timm", "float16"), ("mae", "float32")):
   out = {str(tmp_path)!r} + "/out_" + to + ".pth"
   assert convert_weights.main(["--input", {str(src)!r}, "--output", out, "--to", to,

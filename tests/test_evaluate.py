@@ -23,7 +23,7 @@ from mim_refiner_jax.evaluation import knn as knn_lib
 from mim_refiner_jax.evaluation import per_block as per_block_lib
 from mim_refiner_jax.evaluation import pooling
 from mim_refiner_jax.models.vit import ViT, vit_kwargs
-from tools import evaluate as evaluate_tool
+from mim_refiner_jax.tools import evaluate as evaluate_tool
 
 KWARGS = vit_kwargs("mu", 4, image_size=16)
 KEYS = ("cls", "patch_mean", "cls_patch_mean", "block0_cls", "block1_patch_mean",
