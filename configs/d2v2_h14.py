@@ -6,14 +6,14 @@ Stage 2 also trains cls31, which equals the main output of a post-norm model; st
   python -m mim_refiner_jax.train --config configs/d2v2_h14.py:stage=3 --workdir workdirs/d2v2_h14_s3
 """
 
-from configs import common
-from mim_refiner_jax.config import head_names
+from mim_refiner_jax import paper_config
+from mim_refiner_jax.config import head_names, parse_arg
 
 
 def get_config(arg=None):
-  args = common.config_lib.parse_arg(arg, stage=2)
+  args = parse_arg(arg, stage=2)
   blocks = list(range(31 if args.stage == 2 else 30, 19, -1))
-  return common.refinement_config(
+  return paper_config.refinement_config(
       stage=args.stage, vit_size="huge", patch_size=14, prenorm=False,
       heads=head_names("03", [""] + blocks),
       batch_size=512, epochs=20, local_size=98,

@@ -9,18 +9,18 @@ blocks rematerialised: the 2B model does not fit replicated with its optimizer s
   python -m mim_refiner_jax.train --config configs/mae_2b14.py:stage=3 --workdir workdirs/mae_2b14_s3
 """
 
-from configs import common
-from mim_refiner_jax.config import head_names
+from mim_refiner_jax import paper_config
+from mim_refiner_jax.config import head_names, parse_arg
 
 
 def get_config(arg=None):
-  args = common.config_lib.parse_arg(arg, stage=2)
+  args = parse_arg(arg, stage=2)
   if args.stage == 2:
     heads = ([f"nnclr_temp{t}_cls" for t in ("02", "025", "03", "0325", "035")]
              + head_names("035", range(22, 11, -1)))
   else:
     heads = head_names("035", ["", 22, 21, 20, 19, 18, 17, 16])
-  return common.refinement_config(
+  return paper_config.refinement_config(
       stage=args.stage, vit_size="twob", patch_size=14, prenorm=True, heads=heads,
       batch_size=512, epochs=20, local_size=98,
       frozen_blocks=6 if args.stage == 3 else 0, remat=True, sharding_rules="fsdp",

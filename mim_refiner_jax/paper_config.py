@@ -1,7 +1,8 @@
-"""Shared defaults of the refinement configs (../shared/reference/refiner_facts.md sections 7-10).
+"""Shared defaults of the paper's refinement runs (../shared/reference/refiner_facts.md sections 7-10).
 
-Each run file (mae_l16.py, d2v2_h14.py, ...) states only what differs between runs, as the
-reference's yaml templates do, and calls `refinement_config`.
+Each run file in configs/ (mae_l16.py, d2v2_h14.py, ...) states only what differs between runs, as
+the reference's yaml templates do, and calls `refinement_config`. It lives in the package so that a
+config file loads by its path from any directory, without configs/ on sys.path.
 """
 
 import ml_collections
