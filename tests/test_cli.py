@@ -13,31 +13,17 @@ import subprocess
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from mim_refiner_jax import checkpoint as checkpoint_lib
 from mim_refiner_jax import errors
 from mim_refiner_jax import train as train_lib
-from mim_refiner_jax.convert.checkpoints import save_flax
 from mim_refiner_jax.data import sources
-from mim_refiner_jax.models.vit import ViT, vit_kwargs
+from mim_refiner_jax.models.vit import vit_kwargs
 from tests import tiny_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, "tests", "tiny_config.py")
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-  """A random tiny pre-norm ViT (patch 4, 16 px) saved as a Flax checkpoint."""
-  kwargs = vit_kwargs("mu", 4, image_size=16)
-  variables = ViT(**kwargs).init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
-  path = str(tmp_path_factory.mktemp("pretrained") / "mu")
-  save_flax(path, jax.tree.map(np.asarray, variables), kwargs)
-  return path
+from tests.test_train import CONFIG, ROOT, pretrained  # noqa: F401  (a module-scoped fixture)
 
 
 def _env():
