@@ -22,7 +22,6 @@ from mim_refiner_jax import train as train_lib
 from mim_refiner_jax.data import sources
 from mim_refiner_jax.models.vit import vit_kwargs
 from tests import tiny_config
-
 from tests.test_train import CONFIG, ROOT, pretrained  # noqa: F401  (a module-scoped fixture)
 
 
