@@ -30,9 +30,10 @@ command, the file's sha256 and a k-NN accuracy on a fixed 1,000 -> 500 digit sub
 reproduces). Output `--out DIR`: the encoder (`{"params", "buffers": {"pos_embed"}}` of
 `ViT(**vit_kwargs)`) written by `convert.checkpoints.save_flax`, plus `DIR/pretrain_mae.json`
 (arguments, loss curve, k-NN accuracies). At the end the tool prints a k-NN sanity check (k=10,
-tau=0.07, the standardise + cosine + exp(s/tau) vote of refiner_facts.md section 10.1; features fit on the train
-split, evaluated on val): the CLS token of every block (raw residual stream) and the mean patch
-token of the last block, and the same for the encoder at initialisation with `--knn-at-init`.
+tau=0.07, the standardise + cosine + exp(s/tau) vote of refiner_facts.md section 10.1; features
+fit on the train split, evaluated on val): the CLS token of every block (raw residual stream) and
+the mean patch token of the last block, and the same for the encoder at initialisation with
+`--knn-at-init`.
 """
 
 import argparse
