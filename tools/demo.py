@@ -334,9 +334,10 @@ def plot(results: dict, depth: int, path: str, protocol: str = "knn"):
                                                if len(runs) > 1 else ""))
   ax.set_xticks(x, [str(i) for i in range(depth)] + ["final LN"])
   ax.set_xlabel("block (raw residual stream) / main output")
-  ax.set_ylabel(f"{protocol} accuracy (%)")
+  name = {"knn": "k-NN (k=10)"}.get(protocol, protocol)
+  ax.set_ylabel(f"{name} accuracy (%)")
   ax.set_ylim(0, 100)
-  ax.set_title(f"MNIST {protocol} (k=10) on {results['test_size']:,} held-out digits,\n"
+  ax.set_title(f"MNIST {name} on {results['test_size']:,} held-out digits,\n"
                f"fit on {results['train_size']:,}: MAE vs MIM-Refiner", fontsize=10)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7, loc="lower right", ncol=2)
@@ -393,7 +394,7 @@ def main(argv=None):
              (f"seed{seed} evaluation", NOMINAL_SECONDS["evaluate"])]
 
   with Progress(plan) as progress:
-    start = time.time()
+    start, cpu_start = time.time(), time.process_time()
     with progress.phase("setup", f"loading the MAE to refine ({args.mae}) and the digits; "
                         f"workdir {workdir}"):
       from mim_refiner_jax.convert import checkpoints  # pylint: disable=g-import-not-at-top
@@ -438,14 +439,20 @@ def main(argv=None):
       results["refined"][str(seed)] = res
       results["times"][f"seed{seed}"] = times
     results["times"]["this_run_sec"] = time.time() - start
+    # CPU seconds of all threads: on an idle 2-core machine the wall time is between this / 2
+    # and this, whatever the load during the run was.
+    results["times"]["this_run_cpu_sec"] = time.process_time() - cpu_start
     results["load_avg_end"] = os.getloadavg()
 
-  print()
-  print(table(results, depth))
+  for protocol in PROTOCOLS:
+    print()
+    print(table(results, depth, protocol))
   reused = [name for name, t in [("baselines", results["times"]["baselines"])] + [
       (f"seed {seed} {part}", t) for seed in args.seed_list
       for part, t in results["times"][f"seed{seed}"].items()] if t["reused"]]
-  print(f"this run: {results['times']['this_run_sec']:.0f}s"
+  print(f"this run: {results['times']['this_run_sec']:.0f}s "
+        f"({results['times']['this_run_cpu_sec']:.0f} CPU-s; load average "
+        f"{results['load_avg_start'][0]:.1f} at the start)"
         + (f"; reused from earlier runs: {', '.join(reused)}" if reused else ""))
   run_file = os.path.join(workdir, "runs", f"{stamp}.json")
   _write_json(run_file, results)
