@@ -40,8 +40,9 @@ import numpy as np  # noqa: E402
 
 SHIPPED_MAE = os.path.join(ROOT, "mim_refiner_jax", "data", "demo_mae", "mae_mnist.safetensors")
 RESULTS_VERSION = 2  # bump when the evaluation changes: cached evaluations are then redone
-# Seconds per phase on 2 idle cores (measured by this tool; for the ETA only).
-NOMINAL_SECONDS = dict(setup=10, baselines=15, stage2=40, stage3=130, evaluate=8)
+# Seconds per phase on 2 idle cores (estimated from the CPU seconds of a loaded run; the ETA
+# scales them by the pace this run measures).
+NOMINAL_SECONDS = dict(setup=8, baselines=25, stage2=60, stage3=160, evaluate=8)
 
 
 # ----------------------------------------------------------------------------- progress
