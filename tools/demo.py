@@ -309,7 +309,7 @@ def table(results: dict, depth: int, protocol: str = "knn") -> str:
     cells = "".join(f"{'%.1f+-%.1f' % mean_std(k):>12}" for _, k in cols)
     best = [100 * best_feature(r, protocol)[0] for r in runs]
     lines.append(f"{'refined, mean+-std':<22}" + cells
-                 + f"{'%.1f+-%.1f' % (np.mean(best), np.std(best)):>8}")
+                 + f"{'%.1f+-%.1f' % (np.mean(best), np.std(best)):>11}")
   return "\n".join(lines)
 
 
