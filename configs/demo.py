@@ -4,9 +4,9 @@ Sized for 2 CPU cores: a ViT (width 96, depth 4, patch 4) at 32 px, 2 global vie
 2 local views of 16 px, a queue of 1024, batch 128. Stage 2 trains the heads on the frozen MAE;
 stage 3 refines everything from the stage-2 workdir, as in the paper (section 7).
 
-  python tools/demo.py                       # the whole thing: pre-train, stage 2, stage 3, table
+  python tools/demo.py                       # the whole thing: baselines, stage 2, stage 3, table
   python -m mim_refiner_jax.train --config configs/demo.py:stage=2 --workdir workdirs/demo/s2 \
-      --config.init.pretrained=workdirs/demo/mae
+      --config.init.pretrained=mim_refiner_jax/data/demo_mae/mae_mnist.safetensors
 """
 
 import ml_collections
@@ -23,7 +23,8 @@ def get_config(arg=None):
                  patch_size=4, prenorm=True, image_size=32,
                  compute_dtype="float32", head_dtype="float32", remat=False,
                  num_heads=0)  # 0: from the checkpoint (or the size table for timm/MAE files)
-  c.init = dict(pretrained="workdirs/demo/mae" if args.stage == 2 else "",
+  c.init = dict(pretrained="mim_refiner_jax/data/demo_mae/mae_mnist.safetensors"
+                if args.stage == 2 else "",
                 stage2_workdir="workdirs/demo/s2" if args.stage == 3 else "")
   depth = 4
   # The main output and blocks 2 and 1 (the paper uses the last third of the blocks).

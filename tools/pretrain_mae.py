@@ -6,6 +6,9 @@ patch 4, 32 px, decoder 64 wide and 2 deep, 20 epochs of the 4,000-digit train s
 620 steps) take about 4 minutes on 2 idle CPU cores.
 
   python tools/pretrain_mae.py --out workdirs/demo/mae
+  # The MAE shipped for tools/demo.py (byte-for-byte the same file on a rerun):
+  python tools/pretrain_mae.py --out mim_refiner_jax/data/demo_mae/mae_mnist.safetensors \
+      --width 96 --depth 4 --heads 3 --epochs 30 --seed 0
   python tools/pretrain_mae.py --out /tmp/mae --size tiny --epochs 100 --torch-out /tmp/mae.pth
 
 Recipe (facebookresearch/mae, `main_pretrain.py`, `models_mae.py`): 75% random masking per sample,
@@ -21,12 +24,16 @@ Inputs: MNIST padded 28 -> 32 px (`data.mnist.to_rgb`), grey repeated to 3 chann
 [0, 1] and normalised with the ImageNet mean/std, as every MIM model here (the refinement
 pipeline must normalise the same way).
 
-Output `--out DIR`: the encoder (`{"params", "buffers": {"pos_embed"}}` of `ViT(**vit_kwargs)`)
-written by `convert.checkpoints.save_flax`, plus `DIR/pretrain_mae.json` (arguments, loss curve,
-k-NN accuracies). At the end the tool prints a k-NN sanity check (k=10, tau=0.07, the
-standardise + cosine + exp(s/tau) vote of refiner_facts.md section 10.1; features fit on the train
-split, evaluated on val): the CLS token of every block (raw residual stream) and the mean patch
-token of the last block, and the same for the encoder at initialisation with `--knn-at-init`.
+Output `--out FILE.safetensors`: the encoder in the refined naming with its vit_kwargs (header keys
+sorted, so the bytes depend only on the weights) and `FILE.json` (the summary below plus the
+command, the file's sha256 and a k-NN accuracy on a fixed 1,000 -> 500 digit subset that a test
+reproduces). Output `--out DIR`: the encoder (`{"params", "buffers": {"pos_embed"}}` of
+`ViT(**vit_kwargs)`) written by `convert.checkpoints.save_flax`, plus `DIR/pretrain_mae.json`
+(arguments, loss curve, k-NN accuracies). At the end the tool prints a k-NN sanity check (k=10,
+tau=0.07, the standardise + cosine + exp(s/tau) vote of refiner_facts.md section 10.1; features
+fit on the train split, evaluated on val): the CLS token of every block (raw residual stream) and
+the mean patch token of the last block, and the same for the encoder at initialisation with
+`--knn-at-init`.
 """
 
 import argparse
@@ -60,7 +67,10 @@ DEFAULT_SIZE = dict(width=128, depth=6, num_heads=4)
 def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--out", required=True, help="directory for the encoder checkpoint")
+  parser.add_argument("--out", required=True,
+                      help="directory for the encoder checkpoint (Flax); a path ending in "
+                           ".safetensors writes that one file plus NAME.json instead (byte-"
+                           "reproducible: the shipped demo MAE)")
   parser.add_argument("--torch-out", default="",
                       help="also write a PyTorch MAE-layout .pth ({'model': timm state dict})")
   parser.add_argument("--size", default="", choices=[""] + sorted(vit.SIZES),
@@ -278,23 +288,78 @@ def train(args) -> tuple[dict, dict, list]:
   return encoder_vars(state), kw, history
 
 
+def knn_subset(encoder, variables, image_size: int) -> float:
+  """k-NN accuracy of the last block's CLS on a fixed small subset: the first 100 train digits of
+  each class -> the first 50 val digits of each class (recorded with a shipped checkpoint so a
+  test can check, in seconds, that the file loads into the same features)."""
+  (train_x, train_y), (val_x, val_y) = mnist.load_mnist("train"), mnist.load_mnist("val")
+  pick = lambda y, n: np.concatenate([np.flatnonzero(y == c)[:n] for c in range(10)])
+  tr, va = pick(train_y, 100), pick(val_y, 50)
+  name = f"block{encoder.depth - 1}_cls"
+  train_feats = encoder_features(encoder, variables, mnist.to_rgb(train_x[tr], image_size))[name]
+  val_feats = encoder_features(encoder, variables, mnist.to_rgb(val_x[va], image_size))[name]
+  return knn.knn_accuracy(train_feats, train_y[tr], val_feats, val_y[va])["accuracy"]
+
+
+def canonicalize_safetensors(path: str) -> None:
+  """Rewrites the header of a safetensors file with sorted keys, so equal tensors give equal bytes.
+
+  The safetensors writer keeps the metadata in a hash map, so its key order (and the file's
+  sha256) changes from run to run; the tensors and their offsets are untouched here.
+  """
+  import struct  # pylint: disable=g-import-not-at-top
+  with open(path, "rb") as f:
+    blob = f.read()
+  (length,) = struct.unpack("<Q", blob[:8])
+  header = json.loads(blob[8:8 + length])
+  text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+  text += b" " * (-len(text) % 8)  # the format pads the header with spaces to 8 bytes
+  with open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(text)) + text + blob[8 + length:])
+
+
+def sha256(path: str) -> str:
+  import hashlib  # pylint: disable=g-import-not-at-top
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
 def main(argv=None) -> dict:
   args = parse_args(argv)
+  single_file = args.out.endswith(".safetensors")
+  if single_file and args.torch_out:
+    raise SystemExit("--torch-out goes with a Flax --out directory, not a .safetensors file")
   start = time.time()
   variables, vit_kwargs, history = train(args)
   train_seconds = time.time() - start
   variables = jax.tree.map(np.asarray, variables)
+  encoder = vit.ViT(**vit_kwargs)
   knn = {}
   if args.knn != "none":
-    knn = knn_report(vit.ViT(**vit_kwargs), variables, args.image_size, "pre-trained MAE")
-  save_encoder(args.out, variables, vit_kwargs, args.torch_out)
+    knn = knn_report(encoder, variables, args.image_size, "pre-trained MAE")
   summary = {"args": {k: v for k, v in vars(args).items() if k != "vit_kwargs"},
+             "command": "python tools/pretrain_mae.py " + " ".join(argv if argv is not None
+                                                                   else sys.argv[1:]),
              "vit_kwargs": vit_kwargs, "train_seconds": train_seconds, "history": history,
-             "knn": knn, "input_normalization": "imagenet mean/std on [0, 1] pixels",
+             "knn": knn, "knn_subset_block_last_cls": knn_subset(encoder, variables,
+                                                                  args.image_size),
+             "knn_subset": "k=10, tau=0.07; train digits 0-99 of each class -> val digits 0-49 "
+                           "of each class; CLS of the last block (no norm)",
+             "input_normalization": "imagenet mean/std on [0, 1] pixels",
              "mnist_to_rgb": "pad 28 -> image_size, grey repeated to 3 channels"}
-  with open(os.path.join(args.out, "pretrain_mae.json"), "w") as f:
+  if single_file:
+    from mim_refiner_jax.convert import checkpoints  # pylint: disable=g-import-not-at-top
+    checkpoints.save_torch(args.out, variables, vit_kwargs, layout="safetensors")
+    canonicalize_safetensors(args.out)
+    summary["sha256"] = sha256(args.out)
+    summary_path = args.out[:-len(".safetensors")] + ".json"
+  else:
+    save_encoder(args.out, variables, vit_kwargs, args.torch_out)
+    summary_path = os.path.join(args.out, "pretrain_mae.json")
+  with open(summary_path, "w") as f:
     json.dump(summary, f, indent=1)
-  print(f"wrote the encoder to {args.out}" + (f" and {args.torch_out}" if args.torch_out else ""))
+  print(f"wrote the encoder to {args.out}" + (f" and {args.torch_out}" if args.torch_out else "")
+        + (f" (sha256 {summary['sha256']})" if single_file else ""))
   return summary
 
 
