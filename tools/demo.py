@@ -39,7 +39,7 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 
 SHIPPED_MAE = os.path.join(ROOT, "mim_refiner_jax", "data", "demo_mae", "mae_mnist.safetensors")
-RESULTS_VERSION = 2  # bump when the evaluation changes: cached evaluations are then redone
+RESULTS_VERSION = 3  # bump when the evaluation changes: cached evaluations are then redone
 # Seconds per phase on 2 idle cores (estimated from the CPU seconds of a loaded run; the ETA
 # scales them by the pace this run measures).
 NOMINAL_SECONDS = dict(setup=8, baselines=25, stage2=60, stage3=160, evaluate=8)
@@ -131,7 +131,28 @@ def knn_protocol(train_x, train_y, test_x, test_y) -> float:
   return knn.knn_accuracy(train_x, train_y, test_x, test_y, k=10, tau=0.07)["accuracy"]
 
 
-PROTOCOLS = {"knn": knn_protocol}  # the lead adds linear probe / low-shot / clustering here
+PROTOCOLS = {"knn": knn_protocol}
+
+# The other protocols of the evaluation suite (mim_refiner_jax/evaluation; refiner_facts.md
+# sections 10.2, 10.3) run on the headline features only: the paper's k-NN feature (last block
+# CLS, no norm), the MAE's best pooling (CLS || mean patch after the final LN) and the pixels.
+# Every feature x every protocol would not fit the demo's minutes.
+HEADLINE = ("pixels", "block{last}_cls", "ln_cls+mean")
+SUITE_COLUMNS = (("linear probe", "probe"), ("1-shot", "1shot"), ("2-shot", "2shot"),
+                 ("5-shot", "5shot"), ("1%", "1percent"), ("k-means ACC", "cluster_acc"),
+                 ("k-means NMI", "cluster_nmi"))
+
+
+def suite_protocols(train_x, train_y, test_x, test_y) -> dict:
+  """DINOv2-grid linear probe (best of grid and epochs), 1/2/5-shot and 1% logistic regression
+  (mean over 3 split seeds) and k-means of the held-out digits (lowest-inertia run of 10)."""
+  # pylint: disable=g-import-not-at-top
+  from mim_refiner_jax.evaluation import cluster, lowshot, probe
+  grid = probe.linear_probe_grid({"f": train_x}, train_y, {"f": test_x}, test_y, progress=False)
+  low = lowshot.lowshot_eval(train_x, train_y, test_x, test_y, progress=False)["settings"]
+  clusters = cluster.clustering_eval(test_x, test_y, progress=False)["best"]
+  return dict(probe=grid["best"]["accuracy"], cluster_acc=clusters["acc"],
+              cluster_nmi=clusters["nmi"], **{k: v["mean"] for k, v in low.items()})
 
 
 def load_digits() -> dict:
@@ -199,8 +220,14 @@ def evaluate(extract, digits: dict, protocols=None) -> dict:
   """
   protocols = PROTOCOLS if protocols is None else protocols
   train, test = extract(digits["train"]), extract(digits["test"])
-  return {name: {p: float(fn(train[name], digits["train_y"], test[name], digits["test_y"]))
-                 for p, fn in protocols.items()} for name in train}
+  labels = digits["train_y"], digits["test_y"]
+  results = {name: {p: float(fn(train[name], labels[0], test[name], labels[1]))
+                    for p, fn in protocols.items()} for name in train}
+  depth = sum(name.endswith("_cls") and name.startswith("block") for name in train)
+  for name in (h.format(last=depth - 1) for h in HEADLINE):
+    if name in train:
+      results[name].update(suite_protocols(train[name], labels[0], test[name], labels[1]))
+  return results
 
 
 # ----------------------------------------------------------------------------- stages
@@ -310,6 +337,29 @@ def table(results: dict, depth: int, protocol: str = "knn") -> str:
     best = [100 * best_feature(r, protocol)[0] for r in runs]
     lines.append(f"{'refined, mean+-std':<22}" + cells
                  + f"{'%.1f+-%.1f' % (np.mean(best), np.std(best)):>11}")
+  return "\n".join(lines)
+
+
+def suite_table(results: dict, depth: int) -> str:
+  """The other protocols on the headline features (mean+-std over refinement seeds)."""
+  lines = [f"other protocols (%) on the headline features, {results['test_size']:,} held-out "
+           "digits: linear probe (DINOv2 grid), low-shot logistic regression (mean of 3 splits), "
+           "k-means (best of 10)",
+           f"{'features':<34}" + "".join(f"{t:>13}" for t, _ in SUITE_COLUMNS)]
+  runs = list(results["refined"].values())
+  for feature in (h.format(last=depth - 1) for h in HEADLINE):
+    rows = [("raw pixels", [results["pixels"]])] if feature == "pixels" else [
+        (f"MAE (before), {feature}", [results["mae"]]),
+        (f"refined x{len(runs)}, {feature}", runs)]
+    for name, res in rows:
+      if not res or not all(key in r.get(feature, {}) for r in res for _, key in SUITE_COLUMNS):
+        continue
+      cells = []
+      for _, key in SUITE_COLUMNS:
+        values = [100 * r[feature][key] for r in res]
+        cells.append(f"{np.mean(values):.1f}" + (f"+-{np.std(values):.1f}" if len(res) > 1
+                                                 else ""))
+      lines.append(f"{name:<34}" + "".join(f"{c:>13}" for c in cells))
   return "\n".join(lines)
 
 
@@ -448,6 +498,8 @@ def main(argv=None):
   for protocol in PROTOCOLS:
     print()
     print(table(results, depth, protocol))
+  print()
+  print(suite_table(results, depth))
   reused = [name for name, t in [("baselines", results["times"]["baselines"])] + [
       (f"seed {seed} {part}", t) for seed in args.seed_list
       for part, t in results["times"][f"seed{seed}"].items()] if t["reused"]]
