@@ -1,6 +1,6 @@
 """tools/demo.py orchestration on a few steps, and the shipped demo MAE (tools/pretrain_mae.py)."""
 
-import importlib.util
+import importlib
 import json
 import os
 
@@ -13,10 +13,7 @@ SHIPPED = os.path.join(REPO, "mim_refiner_jax", "data", "demo_mae", "mae_mnist.s
 
 
 def _tool(name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return importlib.import_module(f"mim_refiner_jax.tools.{name}")
 
 
 @pytest.fixture(scope="module")

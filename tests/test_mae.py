@@ -1,6 +1,6 @@
 """MAE pre-training: masking, loss, model wiring, the MNIST source, tools/pretrain_mae.py."""
 
-import importlib.util
+import importlib
 import os
 
 import jax
@@ -15,7 +15,6 @@ from mim_refiner_jax.models import vit
 # 16 px images, patch 4: a 4x4 grid of 16 patches, 4 of them visible at ratio 0.75.
 TINY = dict(patch_size=4, width=32, depth=2, num_heads=2, pos_grid=4, decoder_width=32,
             decoder_depth=1, decoder_heads=2, mask_ratio=0.75)
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -157,11 +156,7 @@ def test_to_rgb_pads_or_resizes():
 
 
 def _load_tool():
-  spec = importlib.util.spec_from_file_location("pretrain_mae",
-                                                os.path.join(REPO, "tools", "pretrain_mae.py"))
-  tool = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(tool)
-  return tool
+  return importlib.import_module("mim_refiner_jax.tools.pretrain_mae")
 
 
 def test_pretrain_tool_trains_and_writes_a_loadable_encoder(tmp_path):
