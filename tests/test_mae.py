@@ -1,7 +1,6 @@
 """MAE pre-training: masking, loss, model wiring, the MNIST source, tools/pretrain_mae.py."""
 
 import importlib
-import os
 
 import jax
 import jax.numpy as jnp
