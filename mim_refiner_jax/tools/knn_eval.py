@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from mim_refiner_jax import errors
 from mim_refiner_jax.convert import checkpoints
 from mim_refiner_jax.data import loader, sources
-from mim_refiner_jax.evaluation import features, knn, memory
+from mim_refiner_jax.evaluation import features, forward_memory, knn
 from mim_refiner_jax.models.vit import ViT
 
 
@@ -50,7 +50,7 @@ def eval_source(spec: str, image_size: int, flag: str):
 
 def image_sizes(args, vit_kwargs: dict) -> tuple[int, int]:
   """(resize, crop): the flags, else the checkpoint's own size (crop) and crop x 256/224."""
-  native = memory.native_image_size(vit_kwargs)
+  native = forward_memory.native_image_size(vit_kwargs)
   crop = args.crop or native
   resize = args.resize or int(round(crop * 256 / 224))
   if resize < crop:
@@ -119,10 +119,10 @@ def evaluate(args):
     raise errors.UserError(f"--features {args.features}: {e}") from None
   apply_fn = functools.partial(encoder.apply, blocks=blocks)
   resize, crop = image_sizes(args, pretrained.vit_kwargs)
-  native = memory.native_image_size(pretrained.vit_kwargs)
+  native = forward_memory.native_image_size(pretrained.vit_kwargs)
   print(f"images: resize {resize}, crop {crop} px (the checkpoint's size is {native} px)")
   fix = (f"lower --batch-size or --crop (this checkpoint was trained at {native} px)")
-  memory.check_forward_fits(pretrained.vit_kwargs, args.batch_size, crop, fix)
+  forward_memory.check_forward_fits(pretrained.vit_kwargs, args.batch_size, crop, fix)
   eval_cfg = dict(resize_size=resize, crop_size=crop)
   feats = {}
   split_sources = {split: eval_source(spec, crop, f"--{split}")  # both checked before any work
@@ -134,9 +134,9 @@ def evaluate(args):
       feats[split] = features.extract_features(apply_fn, pretrained.variables, batches,
                                                feature_keys=keys, depth=depth)
     except Exception as e:  # pylint: disable=broad-except
-      if not memory.is_out_of_memory(e):
+      if not forward_memory.is_out_of_memory(e):
         raise
-      request = memory.describe_request(pretrained.vit_kwargs, args.batch_size, crop)
+      request = forward_memory.describe_request(pretrained.vit_kwargs, args.batch_size, crop)
       raise errors.UserError(f"out of device memory for {request}: {fix}") from None
   results = {}
   for key in keys:
