@@ -7,4 +7,5 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mim_refiner_jax.tools.show_views import main  # noqa: E402
 
 if __name__ == "__main__":
-  main()
+  status = main()  # an exit status, or a result (a dict) for callers in Python
+  sys.exit(status if isinstance(status, int) else 0)

@@ -3,15 +3,18 @@
 Each tool is a module with `main(argv=None)`: `python -m mim_refiner_jax.tools.evaluate ...`, the
 console script `mim-refiner-evaluate ...` (after `pip install .`), or, from a checkout,
 `python tools/evaluate.py ...` (a thin wrapper). The functions below are the console-script
-targets: they run a tool's `main` and exit 0 (its return value is a result, not a status).
+targets: they run a tool's `main` and exit with its status (an int), or 0 when it returns a
+result (a dict, for callers in Python).
 """
 
 import importlib
+import sys
 
 
 def _script(module: str):
   def run():
-    importlib.import_module(f"mim_refiner_jax.tools.{module}").main()
+    status = importlib.import_module(f"mim_refiner_jax.tools.{module}").main()
+    sys.exit(status if isinstance(status, int) else 0)
   run.__name__ = f"{module}_script"
   return run
 
