@@ -338,12 +338,15 @@ def test_other_protocols_get_the_right_features(tmp_path, flax_checkpoint, monke
   results = evaluate_tool.main([
       "--checkpoint", flax_checkpoint, "--train", "synthetic:24", "--test", "synthetic:13,seed=1",
       "--protocols", "probe,lowshot,cluster", "--selective-aggregation", "--resize", "18",
-      "--batch-size", "16", "--out", str(tmp_path / "out"), "--no-cache", "--no-progress"])
+      "--batch-size", "16", "--out", str(tmp_path / "out"), "--no-cache", "--no-progress",
+      "--probe-augment", "2"])
   train, test, kwargs = calls["grid"]
   assert set(train) == {"last1_cls", "last1_cls+patch", "last2_cls", "last2_cls+patch"}  # depth 2
+  # --probe-augment 2: two differently augmented copies of the train set for the probe grid.
   assert {k: v.shape for k, v in train.items()} == {
-      "last1_cls": (24, 32), "last1_cls+patch": (24, 64), "last2_cls": (24, 64),
-      "last2_cls+patch": (24, 96)}
+      "last1_cls": (2, 24, 32), "last1_cls+patch": (2, 24, 64), "last2_cls": (2, 24, 64),
+      "last2_cls+patch": (2, 24, 96)}
+  assert not np.allclose(train["last1_cls"][0], train["last1_cls"][1])
   assert test["last1_cls"].shape == (13, 32) and "mesh" in kwargs
   assert calls["sa"][0].shape == (24, 16, 32) and calls["sa"][1].shape == (13, 16, 32)
   assert calls["lowshot"][0].shape == (24, 32) and calls["lowshot"][1].shape == (13, 32)

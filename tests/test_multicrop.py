@@ -220,3 +220,26 @@ def test_config_errors_are_clear():
       {"global_size": 32, "local_scale": [0.1, 0.3]}))
   assert cfg.global_size == 32 and cfg.local_scale == (0.1, 0.3)
   assert mc.local_size_for_patch(14) == 98 and mc.local_size_for_patch(16) == 96
+
+
+def test_probe_minimal_augmentation_is_random_resized_crop_and_flip(photo):
+  """EvalConfig.augment_seed (evaluate.py --probe-augment): RandomResizedCrop(scale 0.08-1,
+  bicubic) + flip (section 9, train_minaug), torchvision's ops given the drawn parameters; the
+  same (seed, index) gives the same view, another seed or index another one."""
+  pixels = np.asarray(photo)
+  view = lambda seed, index: mc.EvalTransform(dict(
+      resize_size=64, crop_size=56, augment_seed=seed)).view_uint8(pixels, index)
+  a = view(0, 7)
+  assert a.shape == (56, 56, 3) and a.dtype == np.uint8
+  np.testing.assert_array_equal(a, view(0, 7))
+  assert not np.array_equal(a, view(1, 7)) and not np.array_equal(a, view(0, 8))
+  rng = np.random.default_rng([0, 7])  # the transform's parameter draws, replayed
+  top, left, h, w = mc.sample_crop_params(rng, photo.height, photo.width, (0.08, 1.0),
+                                          (3 / 4, 4 / 3))
+  expected = F.resized_crop(photo, top, left, h, w, [56, 56],
+                            InterpolationMode.BICUBIC)
+  if rng.random() < 0.5:
+    expected = F.hflip(expected)
+  np.testing.assert_array_equal(a, np.asarray(expected))
+  eval_view = mc.EvalTransform(dict(resize_size=64, crop_size=56)).view_uint8(pixels, 7)
+  assert not np.array_equal(a, eval_view)  # augment_seed -1 (default): the plain eval view

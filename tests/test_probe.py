@@ -155,6 +155,24 @@ def test_grid_8_devices_equal_1_and_selective_aggregation_trains(small_problem):
   assert s8["best"]["feature"] == "selective_aggregation" and s8["best"]["accuracy"] > 0.8
 
 
+def test_augmented_copies_epoch_e_trains_on_copy_e_mod_a(small_problem):
+  """[A, N, D] train features (evaluate.py --probe-augment A): two identical copies reproduce the
+  plain run exactly; a second copy that differs (used in epoch 2) changes the result."""
+  train, train_y, test, test_y, _, _ = small_problem
+  kwargs = dict(lrs=(0.01, 0.1), epochs=2, batch_size=64, progress=False)
+  plain = probe.linear_probe_grid(train, train_y, test, test_y, **kwargs)
+  same = probe.linear_probe_grid({k: np.stack([x, x]) for k, x in train.items()}, train_y, test,
+                                 test_y, **kwargs)
+  assert same["features"] == plain["features"] and same["augmented_copies"] == 2
+  other = probe.linear_probe_grid({k: np.stack([x, -x]) for k, x in train.items()}, train_y,
+                                  test, test_y, **kwargs)
+  final = lambda r: r["features"]["cls"]["final_accuracy_by_lr"]
+  assert final(other) != final(plain)  # epoch 2 trained on the negated copy
+  with pytest.raises(ValueError, match=r"\[A, N, D\]"):
+    probe.linear_probe_grid({k: x[None, :, :, None] for k, x in train.items()}, train_y, test,
+                            test_y, **kwargs)
+
+
 def test_bad_inputs_are_named(small_problem):
   train, train_y, test, test_y, train_tok, _ = small_problem
   with pytest.raises(ValueError, match="same non-empty feature sets"):

@@ -108,6 +108,9 @@ class MultiCropConfig:
       raise ValueError(f"hue must be in [0, 0.5], got {self.hue}")
 
 
+MINAUG_SCALE, MINAUG_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)  # torchvision RandomResizedCrop defaults
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
   """Evaluation view: short side to `resize_size` (bicubic, antialiased), centre crop."""
@@ -115,6 +118,10 @@ class EvalConfig:
   crop_size: int = 224
   mean: tuple[float, float, float] = IMAGENET_MEAN
   std: tuple[float, float, float] = IMAGENET_STD
+  # >= 0: the probe's minimal augmentation instead (refiner_facts section 9, train_minaug.yaml):
+  # RandomResizedCrop(crop_size, scale [0.08, 1], bicubic) + horizontal flip, drawn from
+  # (augment_seed, dataset index), so a copy of a dataset is the same on every run and host.
+  augment_seed: int = -1
 
   @classmethod
   def from_config(cls, cfg: Any = None) -> "EvalConfig":
@@ -388,10 +395,19 @@ class EvalTransform:
   def __init__(self, cfg: Any = None):
     self.cfg = EvalConfig.from_config(cfg)
 
-  def view_uint8(self, image: np.ndarray) -> np.ndarray:
+  def view_uint8(self, image: np.ndarray, index: int = 0) -> np.ndarray:
+    if self.cfg.augment_seed >= 0:
+      return np.asarray(self.minimal_augmentation(to_pil_rgb(image), index))
     img = resize_short_side(to_pil_rgb(image), self.cfg.resize_size)
     return np.asarray(center_crop(img, self.cfg.crop_size))
 
+  def minimal_augmentation(self, img: Image.Image, index: int) -> Image.Image:
+    rng = np.random.default_rng([self.cfg.augment_seed, int(index) % 2**32])
+    top, left, h, w = sample_crop_params(rng, img.height, img.width, MINAUG_SCALE, MINAUG_RATIO)
+    img = resized_crop(img, top, left, h, w, self.cfg.crop_size)
+    return hflip(img) if rng.random() < 0.5 else img
+
   def __call__(self, record: dict) -> dict:
-    image = normalize(self.view_uint8(record["image"]), self.cfg.mean, self.cfg.std)
+    image = normalize(self.view_uint8(record["image"], record.get("index", 0)), self.cfg.mean,
+                      self.cfg.std)
     return {"image": image, **_passthrough(record)}

@@ -220,8 +220,8 @@ def train_heads(model, make_batch, train_labels: np.ndarray, test_labels: np.nda
                 desc: str) -> dict:
   """Trains every head of `model` with SGD; returns test top-1 after every epoch.
 
-  `make_batch(split, rows)` returns the host array of the given rows with the batch on
-  `batch_axis`. Returns {"accuracy": [epochs, *heads] float64, "batch_size", "steps", "warmup"}.
+  `make_batch(split, rows, epoch)` returns the host array of the given rows with the batch on
+  `batch_axis` (`epoch` picks an augmented copy of the train features, if any). Returns {"accuracy": [epochs, *heads] float64, "batch_size", "steps", "warmup"}.
   """
   if optimizer not in ("sgd", "lars"):
     raise ValueError(f"optimizer must be 'sgd' or 'lars', got {optimizer!r}")
@@ -254,16 +254,16 @@ def train_heads(model, make_batch, train_labels: np.ndarray, test_labels: np.nda
     pad = chunk - len(rows)
     rows = np.concatenate([rows, np.zeros(pad, rows.dtype)])
     mask = np.arange(chunk) < chunk - pad
-    test_chunks.append((put(make_batch("test", rows), x_spec),
+    test_chunks.append((put(make_batch("test", rows, 0), x_spec),
                         put(test_labels[rows].astype(np.int32), y_spec), put(mask, y_spec)))
 
   rng = np.random.default_rng(seed)
   counts, step = [], 0
-  for _ in tqdm.trange(epochs, desc=desc, disable=not progress, leave=False):
+  for epoch in tqdm.trange(epochs, desc=desc, disable=not progress, leave=False):
     order = rng.permutation(n_train)
     for i in range(steps_per_epoch):
       rows = np.sort(order[i * batch:(i + 1) * batch])  # sorted: cheaper host gathers
-      state = train_step(state, put(make_batch("train", rows), x_spec),
+      state = train_step(state, put(make_batch("train", rows, epoch), x_spec),
                          put(train_labels[rows].astype(np.int32), y_spec),
                          jnp.asarray(step, jnp.int32))
       step += 1
@@ -300,6 +300,9 @@ def linear_probe_grid(train: Mapping[str, np.ndarray], train_labels, test: Mappi
 
   Args:
     train, test: feature-set name -> `[N, D_name]` features (same names and widths in both).
+      Train features may also be `[A, N, D_name]`: A copies of the train set under the
+      reference's minimal augmentation (evaluate.py --probe-augment A); epoch e trains on copy
+      e mod A, an approximation of the reference's fresh crop per epoch.
     train_labels, test_labels: `[N]` integer class ids.
     lrs: base learning rates (x batch / 256); default the 13 of DINOV2_LRS.
     epochs, batch_size: paper: PAPER_EPOCHS (50), PAPER_BATCH_SIZE (1024); the default 10 / 256
@@ -319,12 +322,16 @@ def linear_probe_grid(train: Mapping[str, np.ndarray], train_labels, test: Mappi
   names = list(train)
   train_x = {k: knn._to_numpy(train[k], f"train[{k!r}]") for k in names}
   test_x = {k: knn._to_numpy(test[k], f"test[{k!r}]") for k in names}
-  n_train, n_test = len(train_x[names[0]]), len(test_x[names[0]])
+  n_test = len(test_x[names[0]])
+  train_x = {k: x if x.ndim == 3 else x[None] for k, x in train_x.items()}  # [A, N, D]
+  copies = len(train_x[names[0]])
+  n_train = train_x[names[0]].shape[1]
   for k in names:
-    if train_x[k].ndim != 2 or test_x[k].ndim != 2 or train_x[k].shape[1] != test_x[k].shape[1]:
-      raise ValueError(f"feature set {k!r}: need [N, D] train and test with equal D, got "
-                       f"{train_x[k].shape} and {test_x[k].shape}")
-    if len(train_x[k]) != n_train or len(test_x[k]) != n_test:
+    if (train_x[k].ndim != 3 or test_x[k].ndim != 2
+        or train_x[k].shape[2] != test_x[k].shape[1] or len(train_x[k]) != copies):
+      raise ValueError(f"feature set {k!r}: need [N, D] (or [A, N, D]) train and [N, D] test "
+                       f"with equal D, got {train_x[k].shape} and {test_x[k].shape}")
+    if train_x[k].shape[1] != n_train or len(test_x[k]) != n_test:
       raise ValueError(f"feature set {k!r} has a different number of rows than {names[0]!r}")
   train_y = _labels(train_labels, n_train, "train_labels")
   test_y = _labels(test_labels, n_test, "test_labels")
@@ -332,13 +339,12 @@ def linear_probe_grid(train: Mapping[str, np.ndarray], train_labels, test: Mappi
     raise ValueError("the test set is empty")
   lrs = tuple(DINOV2_LRS if lrs is None else lrs)
   num_classes = int(max(train_y.max(), test_y.max())) + 1
-  dim = max(x.shape[1] for x in train_x.values())
-  data = dict(train=train_x, test=test_x)
+  dim = max(x.shape[-1] for x in train_x.values())
 
-  def make_batch(split, rows):  # [F, B, D_max], each set zero-padded to the widest
+  def make_batch(split, rows, epoch):  # [F, B, D_max], each set zero-padded to the widest
     out = np.zeros((len(names), len(rows), dim), np.float32)
     for i, k in enumerate(names):
-      x = data[split][k]
+      x = train_x[k][epoch % copies] if split == "train" else test_x[k]
       out[i, :, :x.shape[1]] = x[rows]
     return out
 
@@ -353,7 +359,7 @@ def linear_probe_grid(train: Mapping[str, np.ndarray], train_labels, test: Mappi
   return dict(best=best, features=features, lrs=[float(lr) for lr in lrs], epochs=int(epochs),
               batch_size=run["batch_size"], lr_scale=run["batch_size"] / 256,
               steps=run["steps"], warmup_steps=run["warmup"], num_train=n_train, num_test=n_test,
-              optimizer=optimizer)
+              optimizer=optimizer, augmented_copies=copies if copies > 1 else 0)
 
 
 def selective_aggregation_probe(train_tokens, train_labels, test_tokens, test_labels, *,
@@ -388,7 +394,7 @@ def selective_aggregation_probe(train_tokens, train_labels, test_tokens, test_la
   num_classes = max(int(max(train_y.max(), test_y.max())) + 1, 2)
   data = dict(train=train_t, test=test_t)
   model = SelectiveAggregation(len(lrs), train_t.shape[2], num_classes)
-  run = train_heads(model, lambda split, rows: data[split][rows].astype(np.float32), train_y,
+  run = train_heads(model, lambda split, rows, _: data[split][rows].astype(np.float32), train_y,
                     test_y, batch_axis=0, batch_ndim=3, lrs=lrs, epochs=epochs,
                     batch_size=batch_size, seed=seed, mesh=mesh, optimizer=optimizer,
                     progress=progress, desc="selective aggregation")

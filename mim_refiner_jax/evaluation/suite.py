@@ -43,6 +43,10 @@ class Options:
   per_block_k: int = knn_lib.DEFAULT_K
   per_block_probe: bool = False
   selective_aggregation: bool = False
+  # > 0: the probe trains on this many copies of the train set under the reference's minimal
+  # augmentation (RandomResizedCrop + flip, section 9 train_minaug; epoch e on copy e mod A), each
+  # extracted (and cached) once; 0: on the no-aug features, as cached-feature probes do.
+  probe_augment: int = 0
   lowshot_features: str = ""       # "" = last block CLS, no norm (section 10.3)
   cluster_features: str = ""       # "" = last block CLS, no norm
   image_size: int = 0              # 0 = the checkpoint's patch size x position grid
@@ -134,17 +138,18 @@ def evaluate_checkpoint(path: str, opts: Options, mesh=None, log=print) -> dict:
                  if encoders_lib.is_workdir(encoder.identity["path"]) else DEFAULT_CACHE)
   log(f"{encoder.description}: depth {depth}, eval view {transform}")
   train_keys, test_keys = needed_keys(opts, depth)
-  feats = {}
-  for split, spec, keys in (("train", opts.train, train_keys), ("test", opts.test, test_keys)):
-    if not keys:
-      continue
+  def extract(split, spec, keys, view):
     start = time.time()
-    feats[split] = dataset_lib.dataset_features(
-        encoder, dataset_lib.source_config(spec, image_size), sorted(keys), transform=transform,
+    out = dataset_lib.dataset_features(
+        encoder, dataset_lib.source_config(spec, image_size), sorted(keys), transform=view,
         batch_size=opts.batch_size, dtype=opts.dtype, mesh=mesh, cache_dir=cache_dir or None,
         progress=f"features {split}" if opts.progress else None)
-    log(f"  {split} features ({spec}): {len(feats[split]['label'])} images, "
-        f"{time.time() - start:.1f} s")
+    log(f"  {split} features ({spec}): {len(out['label'])} images, {time.time() - start:.1f} s")
+    return out
+
+  feats = {split: extract(split, spec, keys, transform)
+           for split, spec, keys in (("train", opts.train, train_keys),
+                                     ("test", opts.test, test_keys)) if keys}
   train, test = feats.get("train"), feats["test"]
   results = dict(checkpoint=encoder.identity, description=encoder.description,
                  transform=transform, train=opts.train, test=opts.test,
@@ -167,7 +172,12 @@ def evaluate_checkpoint(path: str, opts: Options, mesh=None, log=print) -> dict:
     elif p == "probe":
       from mim_refiner_jax.evaluation import probe  # pylint: disable=g-import-not-at-top
       sets = probe_sets(depth)
-      res = probe.linear_probe_grid({n: train[k] for n, k in sets.items()}, train["label"],
+      probe_train = {n: train[k] for n, k in sets.items()}
+      if opts.probe_augment > 0:  # [A, N, D]: augmented copies of the train set
+        copies = [extract(f"train, augmented copy {a}", opts.train, set(sets.values()),
+                          dict(transform, augment_seed=a)) for a in range(opts.probe_augment)]
+        probe_train = {n: np.stack([c[k] for c in copies]) for n, k in sets.items()}
+      res = probe.linear_probe_grid(probe_train, train["label"],
                                     {n: test[k] for n, k in sets.items()}, test["label"],
                                     mesh=mesh, progress=opts.progress, **opts.probe_kwargs)
       if opts.selective_aggregation:

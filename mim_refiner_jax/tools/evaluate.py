@@ -57,6 +57,10 @@ def parse_args(argv=None):
   p.add_argument("--selective-aggregation", action="store_true",
                  help="probe: also the selective-aggregation probe on the last block's patch "
                       "tokens (holds [N, T, D] features in memory)")
+  p.add_argument("--probe-augment", type=int, default=0, metavar="A",
+                 help="probe: train on A copies of the train set under the reference's minimal "
+                      "augmentation (RandomResizedCrop + flip; epoch e on copy e mod A), each "
+                      "extracted and cached once; 0 (default): the no-aug features")
   p.add_argument("--lowshot-features", default="", help="default: last block CLS, no norm")
   p.add_argument("--cluster-features", default="", help="default: last block CLS, no norm")
   p.add_argument("--image-size", type=int, default=0,
@@ -97,7 +101,7 @@ def options_from_args(args) -> suite.Options:
       train=args.train, test=args.test, protocols=protocols, features=args.features, k=ks,
       tau=args.tau, knn_dtype=args.knn_dtype, per_block_pooling=args.per_block_pooling,
       per_block_k=args.per_block_k, per_block_probe=args.per_block_probe,
-      selective_aggregation=args.selective_aggregation,
+      selective_aggregation=args.selective_aggregation, probe_augment=args.probe_augment,
       lowshot_features=args.lowshot_features, cluster_features=args.cluster_features,
       image_size=args.image_size, resize=args.resize, batch_size=args.batch_size,
       dtype=args.dtype, weights=args.weights, step=args.step,
