@@ -58,7 +58,11 @@ def get_config(arg=None):
       every_epochs=0,  # 0: only at the end
       train="mnist:train,image_size=32", test="mnist:val,image_size=32",
       resize_size=32, crop_size=32, batch_size=500, k=10, tau=0.07,
-      features=f"block{depth - 1}_cls,block{depth - 1}_patch_mean"))
+      features=f"block{depth - 1}_cls,block{depth - 1}_patch_mean"),
+      # At the end of a run, the evaluation suite on its EMA encoder (tools/evaluate.py's
+      # protocols, e.g. "knn,per_block,probe,lowshot,cluster"; "" = none): trained on data.train,
+      # tested on the k-NN test set; results in WORKDIR/evaluation.
+      final=dict(protocols=""))
   c.sharding = dict(data=-1, fsdp=1, rules="replicate")
   c.checkpoint = dict(every_steps=100, keep=2)
   c.log_every_steps = 10

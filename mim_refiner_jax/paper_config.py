@@ -60,7 +60,11 @@ def refinement_config(*, stage: int, vit_size: str, patch_size: int, prenorm: bo
   c.evals = dict(knn=dict(
       every_epochs=1, train="auto", test="auto",
       resize_size=256, crop_size=224, batch_size=1024, k=10, tau=0.07,
-      features=f"block{depth - 1}_cls,block{depth - 1}_patch_mean"))
+      features=f"block{depth - 1}_cls,block{depth - 1}_patch_mean"),
+      # At the end of a run, the evaluation suite on its EMA encoder (tools/evaluate.py's
+      # protocols, e.g. "knn,per_block,probe,lowshot,cluster"; "" = none): trained on data.train,
+      # tested on the k-NN test set; results in WORKDIR/evaluation.
+      final=dict(protocols=""))
 
   # Mesh (data, fsdp): -1 takes all remaining devices. "fsdp" rules shard parameters, Adam moments
   # and EMA over the "fsdp" axis, which then holds every device (fsdp=-1); the batch is split over

@@ -122,6 +122,11 @@ def validate_config(config: ml_collections.ConfigDict):
                            f"devices ({jax.device_count()}): the queue is split over all of them")
   for name in config.heads.names.split(","):
     config_lib.head_spec(name)  # raises a clear error for a malformed name
+  from mim_refiner_jax.evaluation import suite  # pylint: disable=g-import-not-at-top
+  unknown = [p for p in final_protocols(config) if p not in suite.PROTOCOLS]
+  if unknown:
+    raise errors.UserError(f"config.evals.final.protocols: unknown {unknown}; choose from "
+                           f"{', '.join(suite.PROTOCOLS)}")
 
 
 def resolve_eval_sources(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -595,7 +600,31 @@ def _train(config, workdir: str, stop_after: int | None, guard: WorkdirGuard):
       log("final k-NN: %s", results)
     export(state, vit_kwargs, workdir, is_main)
   writer.close()
+  if step >= total_steps and final_protocols(config):
+    run_final_protocols(config, workdir)
   return state, last
+
+
+def final_protocols(config) -> tuple[str, ...]:
+  final = config.evals.get("final")
+  return tuple(p for p in (final.protocols if final else "").split(",") if p)
+
+
+def run_final_protocols(config, workdir: str):
+  """config.evals.final.protocols: the evaluation suite (tools/evaluate.py) on the finished run's
+  EMA (else trained) encoder, read back from its last checkpoint; trained on data.train, tested
+  on the k-NN test set, at the k-NN monitor's view; WORKDIR/evaluation/results.json and
+  TensorBoard scalars "eval/..." at the last step."""
+  from mim_refiner_jax.evaluation import suite  # pylint: disable=g-import-not-at-top
+  knn_cfg = config.evals.knn
+  opts = suite.Options(train=config.data.train, test=knn_cfg.test,
+                       protocols=final_protocols(config), k=(knn_cfg.k,), tau=knn_cfg.tau,
+                       per_block_k=knn_cfg.k, image_size=knn_cfg.crop_size,
+                       resize=knn_cfg.resize_size, batch_size=knn_cfg.batch_size,
+                       progress=False)
+  log("final evaluation (%s) of %s", ",".join(opts.protocols), workdir)
+  suite.run([workdir], opts, names=[os.path.basename(os.path.normpath(workdir))],
+            out_dir=os.path.join(workdir, "evaluation"), log=log)
 
 
 def _host_batch(train_iter, peek: bool = False):

@@ -112,7 +112,8 @@ def test_cli_image_folder_train_knn_and_knn_eval(pretrained, tmp_path, capsys):
   proc = _trainer([f"--config={CONFIG}:stage=2,epochs=1", f"--workdir={workdir}",
                    f"--config.init.pretrained={pretrained}",
                    f"--config.data.train=image_folder:{data}/train",
-                   "--config.evals.knn.train=auto", "--config.evals.knn.test=auto"])
+                   "--config.evals.knn.train=auto", "--config.evals.knn.test=auto",
+                   "--config.evals.final.protocols=knn,cluster"])
   out, err = proc.communicate(timeout=300)
   assert proc.returncode == 0, out + err
   assert "warmup clipped to 1 steps" in out, out
@@ -125,7 +126,13 @@ def test_cli_image_folder_train_knn_and_knn_eval(pretrained, tmp_path, capsys):
   with open(workdir / "metrics.jsonl") as f:
     rows = [json.loads(line) for line in f]
   assert [r["step"] for r in rows if "loss" in r] == [1, 2]
-  assert 0.0 <= rows[-1]["knn/cls"] <= 1.0
+  assert 0.0 <= [r for r in rows if "knn/cls" in r][-1]["knn/cls"] <= 1.0
+  # evals.final.protocols: the suite on the finished run, trained on data.train, tested on val.
+  with open(workdir / "evaluation" / "results.json") as f:
+    final = json.load(f)["run"]
+  assert set(final["protocols"]) == {"knn", "cluster"}
+  assert final["num_train"] == 32 and final["num_test"] == 8
+  assert "eval/cluster/best/nmi" in rows[-1] and rows[-1]["step"] == 2
 
   from mim_refiner_jax.tools import knn_eval  # pylint: disable=g-import-not-at-top
   export = str(workdir / "export" / "encoder_flax")

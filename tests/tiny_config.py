@@ -32,7 +32,11 @@ def get_config(arg=None):
   c.evals = dict(knn=dict(
       every_epochs=1, train=synthetic, test="synthetic:32,num_classes=4,image_size=24,seed=1",
       resize_size=16, crop_size=16, batch_size=32, k=5, tau=0.07,
-      features="block1_cls,cls" if args.knn else ""))
+      features="block1_cls,cls" if args.knn else ""),
+      # At the end of a run, the evaluation suite on its EMA encoder (tools/evaluate.py's
+      # protocols, e.g. "knn,per_block,probe,lowshot,cluster"; "" = none): trained on data.train,
+      # tested on the k-NN test set; results in WORKDIR/evaluation.
+      final=dict(protocols=""))
   c.sharding = dict(data=-1, fsdp=1, rules="replicate")
   c.checkpoint = dict(every_steps=4, keep=2)
   c.log_every_steps = 1
