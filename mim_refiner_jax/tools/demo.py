@@ -144,10 +144,16 @@ def suite_protocols(train_x, train_y, test_x, test_y) -> dict:
   """DINOv2-grid linear probe (best of grid and epochs), 1/2/5-shot and 1% logistic regression
   (mean over 3 split seeds) and k-means of the held-out digits (lowest-inertia run of 10)."""
   # pylint: disable=g-import-not-at-top
+  import jax
   from mim_refiner_jax.evaluation import cluster, lowshot, probe
-  grid = probe.linear_probe_grid({"f": train_x}, train_y, {"f": test_x}, test_y, progress=False)
-  low = lowshot.lowshot_eval(train_x, train_y, test_x, test_y, progress=False)["settings"]
-  clusters = cluster.clustering_eval(test_x, test_y, progress=False)["best"]
+  # One device: the demo's few thousand rows gain nothing from splitting (and on simulated CPU
+  # devices the cross-device collectives only cost time).
+  mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()[:1]), ("data",))
+  grid = probe.linear_probe_grid({"f": train_x}, train_y, {"f": test_x}, test_y, mesh=mesh,
+                                 progress=False)
+  low = lowshot.lowshot_eval(train_x, train_y, test_x, test_y, mesh=mesh,
+                             progress=False)["settings"]
+  clusters = cluster.clustering_eval(test_x, test_y, mesh=mesh, progress=False)["best"]
   return dict(probe=grid["best"]["accuracy"], cluster_acc=clusters["acc"],
               cluster_nmi=clusters["nmi"], **{k: v["mean"] for k, v in low.items()})
 
