@@ -109,9 +109,13 @@ class _QuietOrbaxErrors(logging_std.Filter):
                       and f"{os.sep}orbax{os.sep}" in (record.pathname or ""))
     if is_orbax_error and record.exc_info and self.first_error is None:
       self.first_error = record.exc_info[1]
+    # asyncio's "Task exception was never retrieved" for Orbax's reads of a damaged step that
+    # restore_newest already reported (on the asyncio logger: not a save failure).
+    orbax_task = (record.name == "asyncio" and record.levelno >= logging_std.ERROR
+                  and "orbax" in record.getMessage())
     if logging.get_verbosity() >= logging.INFO:
       return True
-    return not is_orbax_error
+    return not (is_orbax_error or orbax_task)
 
 
 _QUIET_ORBAX = _QuietOrbaxErrors()
@@ -191,8 +195,9 @@ class Checkpointer:
     # gs:// and other remote paths stay as they are; local ones become absolute.
     self.directory = directory if "://" in directory else os.path.abspath(directory)
     self.every_steps = every_steps
-    if _QUIET_ORBAX not in logging.get_absl_logger().filters:
-      logging.get_absl_logger().addFilter(_QUIET_ORBAX)
+    for logger in (logging.get_absl_logger(), logging_std.getLogger("asyncio")):
+      if _QUIET_ORBAX not in logger.filters:
+        logger.addFilter(_QUIET_ORBAX)
     _silence_orbax_aftermath()
     # The trainer decides when to save (`should_save`); Orbax only keeps the last `keep`.
     options = ocp.CheckpointManagerOptions(
