@@ -30,7 +30,6 @@ import ml_collections
 from mim_refiner_jax import config as config_lib
 from mim_refiner_jax import sharding as sharding_lib
 from mim_refiner_jax import train as train_lib
-from mim_refiner_jax import train_step as train_step_lib
 from mim_refiner_jax.models import vit as vit_lib
 
 GIB = 2**30
@@ -116,15 +115,8 @@ def build(config, devices) -> dict:
   state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
                        shardings)
   batch = abstract_batch(config, mesh)
-  head_dtype = train_lib.head_dtype(config)
-  # The same arguments as train.train() passes.
-  step = train_step_lib.make_train_step(
-      model, tx, mesh, shardings, topk=config.queue.topk,
-      local_view_indexing=config.loss.local_view_indexing,
-      ema_decay=config.ema_decay if with_ema else None, freeze_encoder=stage2,
-      sim_dtype=jnp.dtype(config.queue.similarity_dtype), lr_fn=lr_fn,
-      logits_dtype=None if head_dtype == jnp.float32 else head_dtype,
-      batch_shardings=jax.tree.map(lambda x: x.sharding, batch))
+  step = train_lib.build_step(config, model, tx, mesh, shardings, lr_fn, with_ema,
+                              jax.tree.map(lambda x: x.sharding, batch))
   return dict(step=step, state=state, shardings=shardings, batch=batch, mesh=mesh, rules=rules,
               init_fn=init_fn, model=model, key=key)
 

@@ -175,6 +175,18 @@ def head_dtype(config):
   return jnp.dtype(config.model.get("head_dtype", config.model.compute_dtype))
 
 
+def build_step(config, model, tx, mesh, state_shardings, lr_fn, with_ema: bool,
+               batch_shardings):
+  """The jitted train step of `config` (also what tools/plan_memory.py compiles)."""
+  logits = head_dtype(config)
+  return train_step_lib.make_train_step(
+      model, tx, mesh, state_shardings, topk=config.queue.topk,
+      local_view_indexing=config.loss.local_view_indexing,
+      ema_decay=config.ema_decay if with_ema else None, freeze_encoder=config.stage == 2,
+      sim_dtype=jnp.dtype(config.queue.similarity_dtype), lr_fn=lr_fn,
+      logits_dtype=None if logits == jnp.float32 else logits, batch_shardings=batch_shardings)
+
+
 def check_architecture(config, vit_kwargs: dict, where: str):
   """The config's model fields, where set, must agree with the weights."""
   from mim_refiner_jax.models.vit import SIZES  # pylint: disable=g-import-not-at-top
@@ -501,13 +513,8 @@ def _train(config, workdir: str, stop_after: int | None, guard: WorkdirGuard):
 
   # ------------------------------------------------------------------------------- step
   batch_example = _host_batch(train_iter, peek=True)
-  step_fn = train_step_lib.make_train_step(
-      model, tx, mesh, shardings, topk=config.queue.topk,
-      local_view_indexing=config.loss.local_view_indexing,
-      ema_decay=config.ema_decay if with_ema else None, freeze_encoder=stage2,
-      sim_dtype=jnp.dtype(config.queue.similarity_dtype), lr_fn=lr_fn,
-      logits_dtype=None if head_dtype(config) == jnp.float32 else head_dtype(config),
-      batch_shardings=sharding_lib.batch_shardings(mesh, batch_example))
+  step_fn = build_step(config, model, tx, mesh, shardings, lr_fn, with_ema,
+                       sharding_lib.batch_shardings(mesh, batch_example))
   abstract_batch = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct((x.shape[0] * jax.process_count(),) + x.shape[1:]
                                         if x.ndim == 1 else
