@@ -105,6 +105,43 @@ def test_planner_suggests_a_change_when_it_does_not_fit():
   assert memory.describe(steps[2]) == "FSDP over all devices + remat"
 
 
+def test_planner_compile_targets():
+  # TPU topologies for the deviceless TPU compile (a host holds 2x2 chips).
+  assert memory.tpu_topology_name("v5p", 8) == "v5p:2x2x2"
+  assert memory.tpu_topology_name("v5p", 32) == "v5p:2x4x4"
+  assert memory.tpu_topology_name("v5p", 4) == "v5p:2x2x1"
+  assert memory.tpu_topology_name("v5e", 8) == "v5e:2x4"
+  assert memory.tpu_topology_name("v5e", 32) == "v5e:4x8"
+  assert memory.tpu_topology_name("v5p", 6) is None and memory.tpu_topology_name("v5p", 2) is None
+  devices, where = memory.target_devices("a100-80gb", 8, "cpu")
+  assert len(devices) == 8 and "simulated CPU devices" in where
+  with pytest.raises(ValueError, match="xla_force_host_platform_device_count=16"):
+    memory.target_devices("a100-80gb", 16, "cpu")
+  with pytest.raises(ValueError, match="power of two"):
+    memory.target_devices("tpu-v5p", 6, "tpu")
+  if not memory.libtpu_available():  # CI: auto falls back to the CPU compile, tpu says what to do
+    assert "simulated CPU" in memory.target_devices("tpu-v5p", 8, "auto")[1]
+    with pytest.raises(ValueError, match=r"pip install -e \.\[plan\]"):
+      memory.target_devices("tpu-v5p", 8, "tpu")
+
+
+@pytest.mark.slow  # three TPU compiles of a ViT-S step: minutes on 2 cores
+@pytest.mark.skipif(not memory.libtpu_available(), reason="libtpu not installed (.[plan] extra)")
+def test_planner_tpu_compile_sees_remat():
+  """The deviceless TPU compile: state bytes as on CPU, and remat shrinks the temporaries (XLA:CPU
+  shows no saving, memory.remat_check)."""
+  config = tiny_config.get_config("stage=3")
+  config.model.size, config.model.image_size, config.batch_size = "small", 64, 64
+  config.data.global_size, config.data.local_size = 64, 32
+  devices, where = memory.target_devices("tpu-v5p", 4, "tpu")
+  assert "v5p:2x2x1" in where
+  plain = memory.plan(config, devices)
+  remat = memory.plan(memory.with_changes(config, **{"model.remat": True}), devices)
+  on_cpu = memory.plan(config, jax.devices()[:4])
+  assert plain.params == on_cpu.params and plain.optimizer == on_cpu.optimizer
+  assert remat.temporaries < 0.7 * plain.temporaries
+
+
 # ------------------------------------------------------------------- frozen encoder and blocks
 
 WIDTH = 64

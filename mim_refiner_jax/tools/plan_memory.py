@@ -1,13 +1,17 @@
 r"""Per-device memory of a refinement run, and the smallest change that makes it fit.
 
-Compiles the real train step for N simulated CPU devices with abstract inputs (nothing allocated,
-no weights needed; mim_refiner_jax/memory.py says what the numbers mean and how far XLA:CPU's
-buffer assignment approximates GPU/TPU):
+Compiles the real train step for N devices with abstract inputs (nothing allocated, no weights
+needed): for a TPU topology when libtpu is installed (`pip install -e .[plan]`; no TPU needed),
+else for N simulated CPU devices (mim_refiner_jax/memory.py says what the numbers mean and how far
+each approximates a GPU):
 
   python tools/plan_memory.py --config configs/mae_l16.py:stage=3 --device a100-80gb --devices 8
   python tools/plan_memory.py --config configs/mae_2b14.py:stage=3 --device tpu-v5p --devices 32 \
       --config.model.remat=False
-  python tools/plan_memory.py --table --out plan_table.md   # the README table (slow: 20 to 60 compiles)
+  python tools/plan_memory.py --table --out plan_table.md   # the README table (20+ compiles)
+
+--table keeps every compiled plan in OUT.cache.json, so an interrupted table resumes where it
+stopped.
 
 --config.x.y=VALUE overrides a config field (as for train.py). Without --no-search a run that does
 not fit is recompiled with FSDP, remat, then halved global batches until one fits.
@@ -15,6 +19,8 @@ not fit is recompiled with FSDP, remat, then halved global batches until one fit
 
 import argparse
 import ast
+import dataclasses
+import json
 import os
 import sys
 import time
@@ -55,11 +61,9 @@ def load_config(spec: str, overrides: list[str]):
     raise SystemExit(f"unknown config field in {overrides}: {e}") from None
 
 
-def plan_one(config, device, num_devices, search, log):
+def plan_one(config, devices, device, search, log):
   """(plan, fix) for one run; fix is None (fits), (changes, plan) or () (nothing found)."""
   from mim_refiner_jax import memory  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  devices = jax.devices()[:num_devices]
   gib = memory.DEVICE_MEMORY_GIB[device]
   if not search:
     return memory.plan(config, devices), None
@@ -69,24 +73,45 @@ def plan_one(config, device, num_devices, search, log):
 def table(args, log):
   """All paper runs x TABLE_DEVICES x TABLE_COUNTS; compiles are shared between device kinds."""
   from mim_refiner_jax import memory  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
   lines = ["| run | devices | per-device memory (GiB) | " + " | ".join(TABLE_DEVICES) + " |",
            "|---|---|---|" + "---|" * len(TABLE_DEVICES)]
+  cache_path = (args.out or "plan_table.md") + ".cache.json"
   cache = {}
+  if os.path.exists(cache_path):
+    with open(cache_path) as f:
+      cache = json.load(f)
+  targets = {}
 
   def cached_plan(config, n):
-    key = (config.to_json(), n)
+    if n not in targets:  # one compile serves every device kind of the table (memory.py)
+      targets[n] = memory.target_devices(TABLE_DEVICES[-1], n, args.backend)
+      log(f"  {n} devices: {targets[n][1]}")
+    key = json.dumps([config.to_json(), n, targets[n][1]])
+    if key not in cache and args.cached_only:
+      return None
     if key not in cache:
       t0 = time.time()
-      cache[key] = memory.plan(config, jax.devices()[:n])
-      log(f"    compiled in {time.time() - t0:.0f} s: {memory.gib(cache[key].total)} GiB")
-    return cache[key]
+      cache[key] = dataclasses.asdict(memory.plan(config, targets[n][0]))
+      log(f"    compiled in {time.time() - t0:.0f} s: "
+          f"{memory.gib(memory.Plan(**cache[key]).total)} GiB")
+      if os.path.exists(cache_path):  # another planner may have added plans meanwhile
+        with open(cache_path) as f:
+          cache.update({k: v for k, v in json.load(f).items() if k not in cache})
+      with open(cache_path + ".tmp", "w") as f:
+        json.dump(cache, f)
+      os.replace(cache_path + ".tmp", cache_path)
+    return memory.Plan(**cache[key])
 
-  for n in TABLE_COUNTS:
+  for n in [int(c) for c in args.counts.split(",")]:
     for spec in args.runs.split(",") if args.runs else PAPER_RUNS:
       config = load_config(spec, args.overrides)
       log(f"{spec} on {n} devices")
       p = cached_plan(config, n)
+      name = (f"{os.path.basename(spec).replace('.py:stage=', ' stage ')} "
+              f"(batch {config.batch_size}, {config.batch_size // n} per device)")
+      if p is None:
+        lines.append(f"| {name} | {n} | not compiled yet |" + " |" * len(TABLE_DEVICES))
+        continue
       cells = []
       for device in TABLE_DEVICES:
         gib = memory.DEVICE_MEMORY_GIB[device]
@@ -95,13 +120,15 @@ def table(args, log):
           continue
         fix = "no change found"
         for changes in memory.candidate_changes(config, n, p):
-          if cached_plan(memory.with_changes(config, **changes), n).fits(gib):
-            fix = (f"with {memory.describe(changes)}: "
-                   f"{memory.gib(cached_plan(memory.with_changes(config, **changes), n).total)}")
+          fixed = cached_plan(memory.with_changes(config, **changes), n)
+          if fixed is None:
+            fix = f"{memory.describe(changes)} not compiled yet"
+            break
+          if fixed.fits(gib):
+            fix = f"with {memory.describe(changes)}: {memory.gib(fixed.total)}"
             break
         cells.append(f"no; {fix}")
-      name = spec.replace("configs/", "").replace(".py:stage=", " s")
-      lines.append(f"| {name} (batch {config.batch_size}) | {n} | {memory.gib(p.total)} "
+      lines.append(f"| {name} | {n} | {memory.gib(p.total)} "
                    f"(state {memory.gib(p.params + p.optimizer + p.ema + p.queues)}, temp "
                    f"{memory.gib(p.temporaries)}) | " + " | ".join(cells) + " |")
       if args.out:
@@ -120,18 +147,25 @@ def main(argv=None):
   parser.add_argument("--device", default="a100-80gb",
                       help="a100-40gb, a100-80gb, h100-80gb, h200-141gb, tpu-v4, tpu-v5e, tpu-v5p")
   parser.add_argument("--devices", type=int, default=8, help="number of devices")
+  parser.add_argument("--backend", default="auto", choices=("auto", "tpu", "cpu"),
+                      help="compile for a TPU topology (needs libtpu: pip install -e .[plan]; no "
+                           "TPU needed) or simulated CPU devices; auto: tpu when libtpu is there")
   parser.add_argument("--no-search", action="store_true",
                       help="only report; do not recompile to find a change that fits")
   parser.add_argument("--table", action="store_true",
                       help="the README table: paper runs on 8 and 32 A100-80GB, H100-80GB, v5p")
   parser.add_argument("--runs", default="", help="with --table: comma-separated config specs")
   parser.add_argument("--out", default="", help="with --table: also write the table here")
+  parser.add_argument("--counts", default=",".join(map(str, TABLE_COUNTS)),
+                      help="with --table: comma-separated device counts")
+  parser.add_argument("--cached-only", action="store_true",
+                      help="with --table: render from OUT.cache.json only, compile nothing")
   parser.add_argument("--remat-check", action="store_true",
                       help="only print a ViT gradient's temporaries without and with remat on "
                            "this backend (does its buffer assignment see what remat saves?)")
   args = parser.parse_args(argv)
   args.overrides = overrides
-  from_table = max(TABLE_COUNTS) if args.table else args.devices
+  from_table = max(int(c) for c in args.counts.split(",")) if args.table else args.devices
   # Simulated devices: must be set before jax is imported.
   # The LLVM optimisation level only changes the generated machine code, not XLA's HLO passes or
   # buffer assignment (what the plan reads), and cuts the CPU compile time several-fold.
@@ -151,16 +185,20 @@ def main(argv=None):
           f"{temp[False] / 2**20:.0f} MiB, with remat {temp[True] / 2**20:.0f} MiB")
     return 0
   if args.table:
-    print(table(args, log))
+    try:
+      print(table(args, log))
+    except ValueError as e:
+      raise SystemExit(f"error: {e}") from None
     return 0
   config = load_config(args.config, overrides)
   try:
-    p, fix = plan_one(config, args.device, args.devices, not args.no_search, log)
+    devices, where = memory.target_devices(args.device, args.devices, args.backend)
+    p, fix = plan_one(config, devices, args.device, not args.no_search, log)
   except ValueError as e:
     raise SystemExit(f"error: {e}") from None
   gib = memory.DEVICE_MEMORY_GIB[args.device]
   print(f"{args.config} {' '.join('--config.' + o for o in overrides)} on {args.devices} x "
-        f"{args.device}, mesh {p.mesh}, global batch {config.batch_size}")
+        f"{args.device}, mesh {p.mesh}, global batch {config.batch_size}; {where}")
   print(memory.report(p, args.device, gib))
   if fix:
     changes, fixed = fix
