@@ -14,7 +14,8 @@ each approximates a GPU):
 stopped.
 
 --config.x.y=VALUE overrides a config field (as for train.py). Without --no-search a run that does
-not fit is recompiled with FSDP, remat, then halved global batches until one fits.
+not fit is recompiled with remat or FSDP, both, then halved global batches until one fits
+(memory.candidate_changes).
 """
 
 import argparse
