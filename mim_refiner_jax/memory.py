@@ -234,7 +234,7 @@ def candidate_changes(config, num_devices: int, first: Plan | None = None):
     steps.append({"model.remat": True})
     if first is not None and first.temporaries > first.total - first.temporaries:
       steps.reverse()
-  both = dict(fsdp, **{"model.remat": True})
+  both = {k: v for step in steps for k, v in step.items()}  # only what the config lacks
   if len(steps) == 2:
     steps.append(both)
   batch = config.batch_size // 2

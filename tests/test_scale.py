@@ -103,6 +103,10 @@ def test_planner_suggests_a_change_when_it_does_not_fit():
   assert steps[0]["sharding.rules"] == "fsdp" and steps[1] == {"model.remat": True}
   assert steps[-1]["batch_size"] == 8
   assert memory.describe(steps[2]) == "FSDP over all devices + remat"
+  # A run that already shards and rematerialises (the 2B) is offered smaller batches, named as such.
+  done = memory.with_changes(config, **steps[2])
+  assert [memory.describe(s) for s in memory.candidate_changes(done, 4)] == [
+      f"global batch {config.batch_size // 2}", f"global batch {config.batch_size // 4}"]
 
 
 def test_planner_compile_targets():

@@ -39,7 +39,8 @@ from mim_refiner_jax.demo_config import SHIPPED_MAE
 RESULTS_VERSION = 3  # bump when the evaluation changes: cached evaluations are then redone
 # Seconds per phase on 2 idle cores (estimated from the CPU seconds of a loaded run; the ETA
 # scales them by the pace this run measures).
-NOMINAL_SECONDS = dict(setup=8, baselines=25, stage2=60, stage3=160, evaluate=8)
+# Measured with the default epochs; scaled by the epochs asked for.
+NOMINAL_SECONDS = dict(setup=8, baselines=20, stage2=32, stage3=185, evaluate=8)
 
 
 # ----------------------------------------------------------------------------- progress
@@ -83,8 +84,9 @@ class Progress:
 
   def eta(self) -> float:
     """Nominal seconds of what is left, scaled by this machine's pace in the phases so far."""
-    pace = (sum(a for _, a in self.measured) / sum(n for n, _ in self.measured)
-            if self.measured else 1.0)
+    nominal = sum(n for n, _ in self.measured)
+    # The pace of a few seconds of setup says little: trust it from ~20 nominal seconds on.
+    pace = sum(a for _, a in self.measured) / nominal if nominal >= 20 else 1.0
     left = 0.0
     for name, nominal in self.plan:
       if name == self.current:
@@ -440,9 +442,11 @@ def main(argv=None):
   stamp = time.strftime("%Y%m%d-%H%M%S")
   plan = [("setup", NOMINAL_SECONDS["setup"]),  # phase names are unique, for the ETA
           ("baselines", NOMINAL_SECONDS["baselines"])]
+  scale = {stage: (epochs / demo_config.get_config(f"stage={stage}").num_epochs if epochs else 1.0)
+           for stage, epochs in ((2, args.stage2_epochs), (3, args.stage3_epochs))}
   for seed in args.seed_list:
-    plan += [(f"seed{seed} stage2", NOMINAL_SECONDS["stage2"]),
-             (f"seed{seed} stage3", NOMINAL_SECONDS["stage3"]),
+    plan += [(f"seed{seed} stage2", NOMINAL_SECONDS["stage2"] * scale[2]),
+             (f"seed{seed} stage3", NOMINAL_SECONDS["stage3"] * scale[3]),
              (f"seed{seed} evaluation", NOMINAL_SECONDS["evaluate"])]
 
   with Progress(plan) as progress:
