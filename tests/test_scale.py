@@ -167,8 +167,8 @@ def _refiner(frozen_blocks=0):
 def _loss_and_grad(frozen_blocks, freeze_encoder):
   model, v, views = _refiner(frozen_blocks)
 
-  def loss(trainable):
-    params = dict(v["params"], **trainable)
+  def loss(trainable, rest):
+    params = dict(rest, **trainable)
     out, _ = model.apply(params, v["buffers"], v["batch_stats"], views,
                          freeze_encoder=freeze_encoder)
     z, p = out["nnclr_temp02_cls"]
@@ -176,9 +176,12 @@ def _loss_and_grad(frozen_blocks, freeze_encoder):
 
   fn = jax.jit(jax.value_and_grad(loss))
   trainable = optim.optimized_params(v["params"], freeze_encoder)
-  flops = fn.lower(trainable).compile().cost_analysis()
+  # The rest is an argument too, as in the train step: closed over, XLA would constant-fold the
+  # frozen encoder's forward and the FLOPs would say nothing.
+  rest = {k: x for k, x in v["params"].items() if k not in trainable}
+  flops = fn.lower(trainable, rest).compile().cost_analysis()
   flops = (flops[0] if isinstance(flops, (list, tuple)) else flops)["flops"]
-  value, grads = fn(trainable)
+  value, grads = fn(trainable, rest)
   return value, grads, flops
 
 
