@@ -40,8 +40,8 @@ def get_config(arg=None):
   c.queue = dict(size=1024, topk=1 if args.stage == 2 else 5, similarity_dtype="float32")
   c.loss = dict(local_view_indexing="corrected")
   c.batch_size = 128
-  # Stage 3 as long as the 5-minute budget allows on 2 cores (0.8 s/step; longer keeps paying,
-  # see the README's "What was tried").
+  # Stage 3 as long as the 5-minute budget allows on 2 cores (0.8-0.9 s/step; longer keeps
+  # paying, see the README's "What was tried").
   c.num_epochs = float(args.epochs or (3 if args.stage == 2 else 7))
   c.warmup_epochs = 1.0
   # 10x the paper's base LR: a few hundred steps instead of tens of thousands. With the paper's

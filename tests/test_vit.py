@@ -123,7 +123,8 @@ def test_remat_gives_the_same_outputs_and_gradients():
 @pytest.mark.parametrize("prenorm", [True, False])
 def test_attention_impls_and_cls_only_agree(prenorm):
   # The head-major einsum attention (default), jax.nn.dot_product_attention and the CLS-only last
-  # block give the same CLS features and encoder gradients (fp32, tolerance 1e-5 / 1e-4 rel).
+  # block give the same CLS features and encoder gradients (fp32, tolerance 1e-5 / 1e-4 rel; the
+  # gradients 1e-5 absolute too, for leaves up to ~8: seen 5.9e-6 on an Intel AMX machine).
   images = jnp.asarray(np.random.default_rng(0).normal(size=(3, 16, 16, 3)), jnp.float32)
   variables = ViT(**MU, prenorm=prenorm).init(jax.random.PRNGKey(0), images)
 
@@ -143,5 +144,5 @@ def test_attention_impls_and_cls_only_agree(prenorm):
     out_grads, out_feats = run(attention, cls_only)
     for a, b in zip(out_feats, ref_feats):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                  out_grads, ref_grads)

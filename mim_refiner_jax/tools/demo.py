@@ -37,10 +37,9 @@ import numpy as np
 from mim_refiner_jax import demo_config
 from mim_refiner_jax.demo_config import SHIPPED_MAE
 RESULTS_VERSION = 3  # bump when the evaluation changes: cached evaluations are then redone
-# Seconds per phase on 2 idle cores (estimated from the CPU seconds of a loaded run; the ETA
-# scales them by the pace this run measures).
-# Measured with the default epochs; scaled by the epochs asked for.
-NOMINAL_SECONDS = dict(setup=8, baselines=20, stage2=32, stage3=185, evaluate=8)
+# Seconds per phase of the default demo on 2 idle cores (a fresh run); the stages' are scaled by
+# the epochs asked for, and the ETA scales all of them by the pace this run measures.
+NOMINAL_SECONDS = dict(setup=8, baselines=21, stage2=31, stage3=215, evaluate=8)
 
 
 # ----------------------------------------------------------------------------- progress
@@ -84,9 +83,10 @@ class Progress:
 
   def eta(self) -> float:
     """Nominal seconds of what is left, scaled by this machine's pace in the phases so far."""
-    nominal = sum(n for n, _ in self.measured)
+    measured_nominal = sum(n for n, _ in self.measured)
     # The pace of a few seconds of setup says little: trust it from ~20 nominal seconds on.
-    pace = sum(a for _, a in self.measured) / nominal if nominal >= 20 else 1.0
+    pace = (sum(a for _, a in self.measured) / measured_nominal if measured_nominal >= 20
+            else 1.0)
     left = 0.0
     for name, nominal in self.plan:
       if name == self.current:
