@@ -271,18 +271,22 @@ def write_run_info(workdir: str, info: dict, is_main: bool):
       json.dump(info, f, indent=1)
 
 
-def load_pretrained(path: str, num_heads: int | None = None):
-  """config.init.pretrained, converted; a file that cannot be read is a UserError naming it."""
+def load_pretrained(path: str, num_heads: int | None = None,
+                    setting: str = "config.init.pretrained"):
+  """A pre-trained checkpoint, converted; a file that cannot be read is a UserError naming the
+  setting that points at it (the trainer's config field, or a tool's flag)."""
   try:
     return convert_lib.load_pretrained(path, num_heads=num_heads)
   except errors.UserError:
     raise
   except FileNotFoundError as e:
-    raise errors.UserError(f"config.init.pretrained={path}: {e}") from None
+    raise errors.UserError(f"{setting}={path}: {e}") from None
   except (ValueError, OSError, KeyError, zipfile.BadZipFile) as e:
     first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    raise errors.UserError(f"config.init.pretrained={path} cannot be read: {first_line}; point "
-                           "it at a checkpoint tools/convert_weights.py reads") from None
+    while first_line.startswith(f"{path}: "):  # the readers' messages lead with the path already
+      first_line = first_line[len(path) + 2:]
+    raise errors.UserError(f"{setting}={path} cannot be read: {first_line}; point it at a "
+                           "checkpoint tools/convert_weights.py reads") from None
 
 
 # Fields that fix the shapes and structure of the saved state: a run must resume with the values

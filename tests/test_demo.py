@@ -36,12 +36,25 @@ def tiny_mae(tmp_path_factory):
   return path
 
 
-def test_demo_runs_reuses_and_keeps_every_run(demo, tiny_mae, tmp_path, capsys):
+def test_demo_runs_reuses_and_keeps_every_run(demo, tiny_mae, tmp_path, capsys, monkeypatch):
+  from mim_refiner_jax import train
   workdir = str(tmp_path / "demo")
   argv = ["--workdir", workdir, "--mae", tiny_mae, "--seeds", "0", "--stage2-epochs", "0.02",
           "--stage3-epochs", "0.02", "--batch-size", "32"]  # 2 steps of 32 per stage
+  # Stage 3 stops at a checkpoint after its first step (what Ctrl-C does): the demo ends with
+  # status 0 and says so; the rerun resumes it instead of starting over.
+  real_train = train.train
+  monkeypatch.setattr(train, "train", lambda config, workdir, stop_after=None: real_train(
+      config, workdir, stop_after=1 if config.stage == 3 else stop_after))
+  assert demo.main(argv) == 0
+  captured = capsys.readouterr()
+  assert "stopped: seed 0: stage 3 stopped at a checkpoint" in captured.out
+  monkeypatch.setattr(train, "train", real_train)
   first = demo.main(argv)
-  out = capsys.readouterr().out
+  captured = capsys.readouterr()
+  out = captured.out
+  assert "reusing stage 2" in out and "resuming stage 3" in out
+  assert "at step 1" in captured.out + captured.err  # the trainer's "resumed ... at step 1"
   assert "raw pixels" in out and "MAE (before)" in out and "refined, seed 0" in out
   # Every pooling of every block before and after, each scored by every protocol.
   for results in (first["mae"], first["refined"]["0"]):
@@ -58,6 +71,7 @@ def test_demo_runs_reuses_and_keeps_every_run(demo, tiny_mae, tmp_path, capsys):
   second = demo.main(argv)  # everything cached: no training, no evaluation
   out = capsys.readouterr().out
   assert out.count("reusing") == 4  # baselines, stage 2, stage 3, the refined evaluation
+  assert "resuming" not in out
   assert second["refined"] == first["refined"] and second["mae"] == first["mae"]
   for part in ("stage2", "stage3", "evaluate"):
     assert second["times"]["seed0"][part]["reused"]
@@ -88,3 +102,21 @@ def test_shipped_mae_matches_its_record():
   accuracy = pretrain.knn_subset(vit.ViT(**mae.vit_kwargs), mae.variables, 32)
   # 500 test digits: allow one digit of difference for other CPUs' float rounding.
   assert abs(accuracy - record["knn_subset_block_last_cls"]) <= 1 / 500 + 1e-9
+
+
+def test_demo_user_mistakes_are_one_line(demo, tmp_path, capsys):
+  """A damaged --mae (found while loading) and a negative length are one `error:` line, exit 2."""
+  damaged = tmp_path / "mae.safetensors"
+  with open(SHIPPED, "rb") as f:
+    damaged.write_bytes(f.read()[:500_000])
+  workdir = tmp_path / "w"
+  with pytest.raises(SystemExit) as exit_info:
+    demo.main(["--mae", str(damaged), "--workdir", str(workdir)])
+  err = capsys.readouterr().err
+  assert exit_info.value.code == 2 and err.count("\n") == 1, err
+  assert err.startswith(f"error: --mae={damaged} cannot be read: truncated file"), err
+  assert not workdir.exists()  # nothing written before the MAE was read
+  with pytest.raises(SystemExit) as exit_info:
+    demo.main(["--stage3-epochs", "-3"])
+  assert exit_info.value.code == 2
+  assert "--stage3-epochs must be positive (0: the default), got -3" in capsys.readouterr().err
