@@ -407,12 +407,14 @@ class WorkdirInUseError(errors.UserError):
 class WorkdirLock:
   """An exclusive lock on a workdir for the life of this process (process 0 only).
 
-  `fcntl.flock` on `<workdir>/run.lock`: the kernel drops the lock when its process dies, so a
-  crashed or SIGKILLed run never leaves the workdir locked; the file's content (pid, host, start
-  time) only names the holder in the error. On NFS, Linux maps flock to NFS locks (held across
-  clients; a dead client's lock lapses when its lease expires). Remote paths such as gs:// cannot
-  be locked: the lock is skipped there with a warning. On release the file is removed again (and
-  the workdir, if the lock created it and nothing else was written there).
+  Local workdirs: `fcntl.flock` on `<workdir>/run.lock`: the kernel drops the lock when its
+  process dies, so a crashed or SIGKILLed run never leaves the workdir locked; the file's content
+  (pid, host, start time) only names the holder in the error. On NFS, Linux maps flock to NFS
+  locks (held across clients; a dead client's lock lapses when its lease expires).
+
+  Remote workdirs (gs://, ...) have no locks: `run.lock` is a lease object instead (`RemoteLease`).
+  On release the lock file or lease is removed again (and a local workdir, if the lock created it
+  and nothing else was written there).
   """
 
   FILENAME = "run.lock"
@@ -421,14 +423,14 @@ class WorkdirLock:
     self.workdir = workdir
     self.path = os.path.join(workdir, self.FILENAME)
     self._fd = None
+    self._lease = None
     self._created_workdir = False
 
   def acquire(self) -> "WorkdirLock":
-    if "://" in self.workdir:
-      _warn(f"workdir {self.workdir} is not a local path; it is not locked against a second run "
-            "(do not start two runs on it)")
-      return self
     if jax.process_index() != 0:
+      return self
+    if "://" in self.workdir:
+      self._lease = RemoteLease(epath.Path(self.workdir) / self.FILENAME).acquire()
       return self
     self._created_workdir = not os.path.exists(self.workdir)
     os.makedirs(self.workdir, exist_ok=True)
@@ -460,6 +462,9 @@ class WorkdirLock:
     return self
 
   def release(self):
+    if self._lease is not None:
+      self._lease.release()
+      self._lease = None
     if self._fd is None:
       return
     try:
@@ -479,6 +484,78 @@ class WorkdirLock:
 
   def __exit__(self, *exc):
     self.release()
+
+
+class RemoteLease:
+  """The workdir lock on an object store (gs://...), which has no flock: a JSON object naming
+  the holder (pid, host, start time) and the time it was last renewed.
+
+  A run takes the lease unless another run renewed it less than `ttl_s` ago; a background thread
+  renews it every `ttl_s / 4`, and release deletes it. What it guarantees: a second run started
+  while the first is alive is refused with one line naming the first. What it does not: two runs
+  started within the same second can both take it (an object write is not a compare-and-swap
+  here; the second writer's read-back usually catches it), and after a kill -9 the dead run's
+  lease blocks the workdir until it is `ttl_s` old (the message says until when; deleting the
+  object frees it at once).
+  """
+
+  TTL_S = 120.0
+
+  def __init__(self, path: epath.Path, ttl_s: float | None = None):
+    self.path = path
+    self.ttl_s = ttl_s or float(os.environ.get("MIM_REFINER_LEASE_TTL_S", self.TTL_S))
+    self.record = {"holder": f"pid {os.getpid()}", "host": socket.gethostname(),
+                   "id": os.urandom(8).hex(), "started": time.time()}
+    self._stop = threading.Event()
+    self._thread = None
+
+  def _read(self) -> dict | None:
+    try:
+      return json.loads(self.path.read_text())
+    except FileNotFoundError:
+      return None
+    except ValueError:  # a torn or foreign object: treat as expired
+      return {}
+
+  def _write(self):
+    self.path.write_text(json.dumps(dict(self.record, renewed=time.time())))
+
+  def acquire(self) -> "RemoteLease":
+    current = self._read()
+    if current and time.time() - current.get("renewed", 0) < self.ttl_s:
+      expires = time.strftime("%H:%M:%S", time.localtime(current["renewed"] + self.ttl_s))
+      started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(current.get("started", 0)))
+      raise WorkdirInUseError(
+          f"workdir {self.path.parent} is in use by another run ({current.get('holder')} on host "
+          f"{current.get('host')}, started {started}; its lease {self.path} was renewed "
+          f"{time.time() - current['renewed']:.0f} s ago); wait for it to end or stop it, or "
+          f"choose another --workdir (if that run is dead, its lease expires at {expires}; "
+          "deleting the object frees the workdir at once)")
+    self._write()
+    time.sleep(0.2)  # a run that wrote at the same moment: the last writer keeps the lease
+    if (self._read() or {}).get("id") != self.record["id"]:
+      raise WorkdirInUseError(f"workdir {self.path.parent} was taken by another run starting at "
+                              "the same time; choose another --workdir or stop that run")
+    self._thread = threading.Thread(target=self._renew, daemon=True, name="workdir-lease")
+    self._thread.start()
+    return self
+
+  def _renew(self):
+    while not self._stop.wait(self.ttl_s / 4):
+      try:
+        self._write()
+      except Exception as e:  # pylint: disable=broad-except  # a store hiccup: retry next time
+        _warn(f"could not renew the workdir lease {self.path} ({_short(e, 200)})")
+
+  def release(self):
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join()
+    try:
+      if (self._read() or {}).get("id") == self.record["id"]:
+        self.path.unlink()
+    except Exception:  # pylint: disable=broad-except  # best effort: an old lease expires anyway
+      pass
 
 
 def abstract_with_shardings(shapes, shardings):

@@ -16,6 +16,8 @@ from typing import Any, Callable, Mapping
 import jax
 import numpy as np
 
+from mim_refiner_jax import paths
+
 # Dense bf16 peak FLOP/s of ONE jax device, keyed by `device.device_kind` as jax reports it.
 # TPU v2/v3 expose each of a chip's 2 TensorCores as a device (chip: 45 / 123 TFLOP/s); v4 and v5p
 # expose the whole (megacore) chip; v5e / v6e chips have one TensorCore.
@@ -192,6 +194,60 @@ def _scalar(name: str, value) -> int | float:
   return item
 
 
+class _RemoteText:
+  """A text "file" on an object store, which has no append: the text is kept in memory and the
+  whole object rewritten on every flush (metric logs are small: rows of a few hundred bytes)."""
+
+  def __init__(self, path: str, mode: str = "a"):
+    self.path = paths.as_path(path)
+    self.text = self.path.read_text() if mode == "a" and self.path.exists() else ""
+
+  def write(self, text: str):
+    self.text += text
+
+  def flush(self):
+    self.path.write_text(self.text)
+
+  def close(self):
+    self.flush()
+
+
+class _RemoteEventFile(_RemoteText):
+  """tensorboardX's record writer for remote logdirs (its own gs:// writer uses another client):
+  the event bytes are kept and the object rewritten through etils.epath on every flush."""
+
+  def __init__(self, path: str):  # pylint: disable=super-init-not-called
+    self.path, self.data = paths.as_path(path), bytearray()
+
+  def write(self, data: bytes):
+    self.data += data
+
+  def flush(self):
+    self.path.write_bytes(bytes(self.data))
+
+
+class _RemoteEventFiles:
+  """A tensorboardX writer factory: `open` and `directory_check` for one URL scheme."""
+
+  def open(self, path):
+    return _RemoteEventFile(path)
+
+  def directory_check(self, path):  # object stores need no directories
+    pass
+
+
+def _open_jsonl(path: str):
+  return _RemoteText(path) if paths.is_remote(path) else open(path, "a", encoding="utf-8")
+
+
+def _summary_writer(logdir: str, **kwargs):
+  from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  if paths.is_remote(logdir):
+    from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
+    record_writer.register_writer_factory(logdir.split("://")[0], _RemoteEventFiles())
+  return SummaryWriter(logdir=logdir, **kwargs)
+
+
 class MetricWriter:
   """Appends `workdir/metrics.jsonl` and writes TensorBoard scalars to `workdir/tb`, on process 0.
 
@@ -204,16 +260,15 @@ class MetricWriter:
     if is_main is None:
       is_main = jax.process_index() == 0
     self.active = is_main
-    self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
-    self.tb_dir = os.path.join(workdir, "tb")
+    self.jsonl_path = paths.join(workdir, "metrics.jsonl")  # gs://... through etils.epath
+    self.tb_dir = paths.join(workdir, "tb")
     self._jsonl = self._tb = None
     if not self.active:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
+    paths.as_path(workdir).mkdir(parents=True, exist_ok=True)
+    self._jsonl = _open_jsonl(self.jsonl_path)
     if tensorboard:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(logdir=self.tb_dir)
+      self._tb = _summary_writer(self.tb_dir)
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     """Logs scalar `metrics` (python, numpy or fetched jax scalars) for `step`."""
@@ -243,8 +298,8 @@ class MetricWriter:
     if not self.active:
       return 0
     self._jsonl.close()
-    with open(self.jsonl_path, encoding="utf-8") as f:
-      lines = f.readlines()
+    jsonl = paths.as_path(self.jsonl_path)
+    lines = jsonl.read_text().splitlines(keepends=True) if jsonl.exists() else []
     kept = []
     for line in lines:
       try:
@@ -253,15 +308,17 @@ class MetricWriter:
       except (ValueError, KeyError, TypeError):  # a line torn by a crash
         pass
     if len(kept) != len(lines):
-      tmp = self.jsonl_path + ".tmp"
-      with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(kept)
-      os.replace(tmp, self.jsonl_path)
-    self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
+      if paths.is_remote(self.jsonl_path):  # an object write replaces it whole (atomic)
+        paths.as_path(self.jsonl_path).write_text("".join(kept))
+      else:
+        tmp = self.jsonl_path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+          f.writelines(kept)
+        os.replace(tmp, self.jsonl_path)
+    self._jsonl = _open_jsonl(self.jsonl_path)
     if self._tb is not None:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb.close()
-      self._tb = SummaryWriter(logdir=self.tb_dir, purge_step=step + 1)
+      self._tb = _summary_writer(self.tb_dir, purge_step=step + 1)
     return len(lines) - len(kept)
 
   def close(self) -> None:

@@ -24,7 +24,6 @@ It wires the package's pieces together and holds no maths of its own.
 import functools
 import json
 import os
-import shutil
 import time
 import zipfile
 
@@ -43,6 +42,7 @@ from mim_refiner_jax import config as config_lib
 from mim_refiner_jax import errors
 from mim_refiner_jax import metrics as metrics_lib
 from mim_refiner_jax import optim
+from mim_refiner_jax import paths
 from mim_refiner_jax import sharding as sharding_lib
 from mim_refiner_jax import state as state_lib
 from mim_refiner_jax import train_step as train_step_lib
@@ -253,13 +253,12 @@ def _init_fn(config, model, tx, with_ema):
 
 
 def read_run_info(workdir: str) -> dict:
-  path = os.path.join(workdir, "run.json")
-  if not os.path.exists(path):
+  path = paths.join(workdir, "run.json")
+  if not paths.as_path(path).exists():
     raise errors.UserError(f"{path} not found: {workdir} is not a workdir of this trainer (or "
                            "its first run stopped before its first step)")
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(paths.as_path(path).read_text())
   except (OSError, ValueError) as e:
     raise errors.UserError(f"{path} is unreadable ({e}); it records how the run in {workdir} "
                            "was configured") from None
@@ -267,8 +266,7 @@ def read_run_info(workdir: str) -> dict:
 
 def write_run_info(workdir: str, info: dict, is_main: bool):
   if is_main:
-    with open(os.path.join(workdir, "run.json"), "w") as f:
-      json.dump(info, f, indent=1)
+    paths.as_path(workdir).joinpath("run.json").write_text(json.dumps(info, indent=1))
 
 
 def load_pretrained(path: str, num_heads: int | None = None,
@@ -333,7 +331,7 @@ def check_resume_config(config, workdir: str, info: dict):
 
 def load_stage2_state(config, mesh, rules, key):
   """The last checkpoint of a stage-2 workdir, heads narrowed to this config's (section 7)."""
-  workdir = config.init.stage2_workdir
+  workdir = paths.resolve(config.init.stage2_workdir)
   info = read_run_info(workdir)
   s2_config = ml_collections.ConfigDict(info["config"])
   if s2_config.stage != 2:
@@ -360,8 +358,8 @@ def load_stage2_state(config, mesh, rules, key):
   shapes = jax.eval_shape(init, key)
   target = checkpoint_lib.abstract_with_shardings(
       shapes, sharding_lib.infer_shardings(mesh, shapes, rules))
-  ckpt_dir = os.path.join(workdir, STATE_DIR)
-  if not os.path.isdir(ckpt_dir):  # (the Checkpointer would create it inside that workdir)
+  ckpt_dir = paths.join(workdir, STATE_DIR)
+  if not paths.as_path(ckpt_dir).is_dir():  # (the Checkpointer would create it inside that workdir)
     raise errors.UserError(f"no checkpoint in {ckpt_dir}: run stage 2 there first")
   ckpt = checkpoint_lib.Checkpointer(ckpt_dir, every_steps=1, keep=1)
   # The newest stage-2 checkpoint that restores (a damaged one is reported and left in place).
@@ -404,9 +402,13 @@ class WorkdirGuard:
   ENTRIES = ("checkpoints", "metrics.jsonl", "tb", "run.json")
 
   def __init__(self, workdir: str):
-    self.workdir = workdir
-    self.existed = {e for e in self.ENTRIES if os.path.lexists(os.path.join(workdir, e))}
+    self.workdir = paths.as_path(workdir)
+    self.existed = {e for e in self.ENTRIES if self._exists(self.workdir / e)}
     self.armed = True
+
+  @staticmethod
+  def _exists(path) -> bool:
+    return path.exists() or os.path.islink(path)  # (a dangling local link)
 
   def first_step_done(self):
     self.armed = False
@@ -415,20 +417,23 @@ class WorkdirGuard:
     if not self.armed or jax.process_index() != 0:
       return
     for entry in self.ENTRIES:
-      path = os.path.join(self.workdir, entry)
-      if entry in self.existed or not os.path.lexists(path):
+      path = self.workdir / entry
+      if entry in self.existed or not self._exists(path):
         continue
-      if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
+      if path.is_dir() and not os.path.islink(path):
+        path.rmtree(missing_ok=True)
       else:
-        os.remove(path)
+        path.unlink()
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None = None):
   """Runs (or resumes) one stage in `workdir`; returns `(state, last metrics fetched)`."""
   validate_config(config)
   config = resolve_eval_sources(config)
-  workdir_existed = os.path.isdir(workdir)
+  workdir = paths.resolve(workdir)  # gs://... as it is: never a local folder named after a URL
+  workdir_existed = paths.as_path(workdir).is_dir()
+  # Before anything is read or compiled: one line naming a workdir that cannot be written.
+  paths.check_writable(workdir, "--workdir")
   try:
     # A second live run on the workdir is refused before anything is touched; the guard notes
     # what exists only once the lock is held, so a refused run never undoes the live run's files.
@@ -440,7 +445,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_after: int | Non
         guard.undo()
         raise
   finally:
-    if not workdir_existed and jax.process_index() == 0:
+    if not workdir_existed and jax.process_index() == 0 and not paths.is_remote(workdir):
       try:  # a run that failed before its first step leaves no empty workdir behind
         os.rmdir(workdir)
       except OSError:  # not empty (the run got going) or already gone
@@ -448,7 +453,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_after: int | Non
 
 
 def _train(config, workdir: str, stop_after: int | None, guard: WorkdirGuard):
-  os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   writer = metrics_lib.MetricWriter(workdir)
   mesh = sharding_lib.make_mesh(config.sharding.data, config.sharding.fsdp)
@@ -471,7 +475,7 @@ def _train(config, workdir: str, stop_after: int | None, guard: WorkdirGuard):
                                             worker_count=config.data.worker_count)
 
   # --------------------------------------------------------------- model, optimizer, state
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, STATE_DIR),
+  ckpt = checkpoint_lib.Checkpointer(paths.join(workdir, STATE_DIR),
                                      every_steps=config.checkpoint.every_steps,
                                      keep=config.checkpoint.keep)
   resume_step = ckpt.latest_step()
@@ -634,8 +638,8 @@ def run_final_protocols(config, workdir: str):
                        resize=knn_cfg.resize_size, batch_size=knn_cfg.batch_size,
                        progress=False)
   log("final evaluation (%s) of %s", ",".join(opts.protocols), workdir)
-  suite.run([workdir], opts, names=[os.path.basename(os.path.normpath(workdir))],
-            out_dir=os.path.join(workdir, "evaluation"), log=log)
+  suite.run([workdir], opts, names=[paths.basename(workdir)],
+            out_dir=paths.join(workdir, "evaluation"), log=log)
 
 
 def _host_batch(train_iter, peek: bool = False):
@@ -660,13 +664,13 @@ def export(state, vit_kwargs: dict, workdir: str, is_main: bool):
   params = state["ema"] if "ema" in state else state["params"]["encoder"]
   variables = jax.tree.map(np.asarray, multihost_utils.process_allgather(
       {"params": params, "buffers": state["buffers"]}, tiled=True))
-  out = os.path.join(workdir, EXPORT_DIR)
-  if is_main and os.path.exists(out):  # a finished run exported again: the export is derived data
-    shutil.rmtree(out)
+  out = paths.join(workdir, EXPORT_DIR)
+  if is_main and paths.as_path(out).exists():  # a finished run exported again: derived data
+    paths.as_path(out).rmtree()
   multihost_utils.sync_global_devices("export")
-  convert_lib.save_flax(os.path.join(out, "encoder_flax"), variables, vit_kwargs)  # all processes
+  convert_lib.save_flax(paths.join(out, "encoder_flax"), variables, vit_kwargs)  # all processes
   if is_main:
-    convert_lib.save_torch(os.path.join(out, "encoder_refined.th"), variables, vit_kwargs,
+    convert_lib.save_torch(paths.join(out, "encoder_refined.th"), variables, vit_kwargs,
                            layout="refined")
   log("exported the %s encoder to %s", "EMA" if "ema" in state else "trained", out)
 

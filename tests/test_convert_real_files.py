@@ -10,7 +10,7 @@
   it in an extra zip record), or `num_heads` / the trainer's `model.num_heads`; contradictions are
   errors naming both values.
 * Truncated torch files and damaged Flax checkpoints: one error naming the file, in the API and
-  in tools/convert_weights.py (exit 1, no traceback).
+  in tools/convert_weights.py (exit 2, no traceback).
 """
 
 import argparse
@@ -297,7 +297,7 @@ def test_truncated_torch_file_is_one_clear_error(tmp_path, keep, convert_weights
                      match=f"{path}.* is damaged or truncated .*copy or download it again"):
     checkpoints.load_pretrained(path)
   assert convert_weights.main(["--input", str(path), "--output", str(tmp_path / "o"),
-                               "--to", "flax"]) == 1
+                               "--to", "flax"]) == 2
   err = capsys.readouterr().err
   assert err.startswith(f"error: {path}") and "damaged or truncated" in err
   assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
@@ -316,7 +316,7 @@ def test_damaged_flax_checkpoint_is_one_clear_error(tmp_path, convert_weights, c
                      r"re-create it"):
     checkpoints.load_pretrained(tmp_path / "flax")
   assert convert_weights.main(["--input", str(tmp_path / "flax"), "--output",
-                               str(tmp_path / "o.th"), "--to", "refined"]) == 1
+                               str(tmp_path / "o.th"), "--to", "refined"]) == 2
   err = capsys.readouterr().err
   assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
   (tmp_path / "flax" / "vit_kwargs.json").write_text("{not json")
@@ -336,5 +336,5 @@ def test_convert_weights_user_mistakes_are_one_line(tmp_path, convert_weights, c
   for args, words in cases:
     code = convert_weights.main(args + ["--output", str(tmp_path / "out.th"), "--to", "refined"])
     err = capsys.readouterr().err
-    assert code == 1 and err.startswith("error: ") and words in err, (args, err)
+    assert code == 2 and err.startswith("error: ") and words in err, (args, err)
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err

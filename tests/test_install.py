@@ -64,11 +64,11 @@ def test_installed_package_and_tools_work_from_any_directory(tmp_path):
   assert proc.returncode == 0 and "--input" in proc.stdout, proc.stderr
   proc = run(site / "bin" / "mim-refiner-convert", "--input", "missing.pth", "--output", "out",
              "--to", "flax")  # a user error: one line and a failing exit status
-  assert proc.returncode == 1, proc.stderr
+  assert proc.returncode == 2, proc.stderr
   assert proc.stderr.strip() == "error: checkpoint missing.pth does not exist"
   proc = run(sys.executable, os.path.join(ROOT, "tools", "convert_weights.py"), "--input",
              "missing.pth", "--output", "out", "--to", "flax")  # the checkout's wrapper too
-  assert proc.returncode == 1, proc.stderr
+  assert proc.returncode == 2, proc.stderr
   proc = run(sys.executable, "-m", "mim_refiner_jax.tools.evaluate", "--help")
   assert proc.returncode == 0 and "--protocols" in proc.stdout, proc.stderr
   # The package imported is the installed one, and a config loads by path from elsewhere (the

@@ -26,6 +26,7 @@ import os
 import ml_dtypes
 import numpy as np
 
+from mim_refiner_jax import paths
 from mim_refiner_jax.convert import mapping
 from mim_refiner_jax.convert import torch_files
 from mim_refiner_jax.convert import torch_writer
@@ -111,10 +112,21 @@ def load_pretrained(path, *, family=None, size=None, patch_size=None, prenorm=No
   num_heads (heads cannot be read from weights: taken from the override, the file's
   ctor_kwargs/metadata, or a known width).
   """
-  path = os.fspath(path)
-  kind = torch_files.sniff(path)
-  if kind == "directory":
+  path = os.fspath(path)  # (local paths as given: messages name them as the user wrote them)
+  if paths.is_remote(path):  # gs://...: a Flax directory is read in place, a file from a copy
+    if paths.as_path(path).is_dir():
+      return _load_flax_checked(path, family, size, patch_size, prenorm, num_heads)
+    with paths.local_copy(path) as local:
+      out = _load_file(local, family, size, patch_size, prenorm, num_heads)
+    out.info["path"] = path
+    return out
+  if torch_files.sniff(path) == "directory":
     return _load_flax_checked(path, family, size, patch_size, prenorm, num_heads)
+  return _load_file(path, family, size, patch_size, prenorm, num_heads)
+
+
+def _load_file(path, family, size, patch_size, prenorm, num_heads) -> Pretrained:
+  kind = torch_files.sniff(path)
   obj = torch_files.load(path)
   sd, containers, top = _unwrap(obj, path)
   file_kwargs, hint = None, False
@@ -169,7 +181,7 @@ def save_torch(path, variables, vit_kwargs: dict, layout: str = "refined",
   it), so load_pretrained reads our timm / MAE files back without num_heads; a timm state dict
   itself has no place for the head count.
   """
-  path = os.fspath(path)
+  path = paths.resolve(path)
   if layout not in TORCH_LAYOUTS:
     raise ValueError(f"unknown layout {layout!r}; use one of {TORCH_LAYOUTS}")
   if dtype not in TORCH_DTYPES:
@@ -177,7 +189,13 @@ def save_torch(path, variables, vit_kwargs: dict, layout: str = "refined",
   vit_kwargs = mapping.normalize_vit_kwargs(vit_kwargs)
   sd = mapping.to_torch_state_dict(variables, vit_kwargs, "timm" if layout == "mae" else layout)
   sd = {k: v.astype(TORCH_DTYPES[dtype], copy=False) for k, v in sd.items()}
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  paths.as_path(path).parent.mkdir(parents=True, exist_ok=True)
+  with paths.upload_via_local(path) as local:  # gs://...: written here, then uploaded
+    _save_torch_file(local, sd, vit_kwargs, layout)
+    paths.make_readable(local)  # safetensors creates its files 0600; every other output is 0644
+
+
+def _save_torch_file(path: str, sd: dict, vit_kwargs: dict, layout: str):
   if layout == "safetensors":
     from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
     save_file(sd, path, metadata={"format": "mim_refiner_jax", "layout": "refined",
@@ -197,14 +215,14 @@ def save_flax(directory, variables, vit_kwargs: dict) -> None:
   """Writes DIR/variables (Orbax StandardCheckpointer) and DIR/vit_kwargs.json."""
   import jax  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  directory = os.path.abspath(os.fspath(directory))
-  arrays_dir = os.path.join(directory, FLAX_ARRAYS_DIR)
-  if os.path.exists(arrays_dir):
+  directory = paths.resolve(directory)  # gs://... stays a URL (Orbax and epath write it)
+  arrays_dir = paths.join(directory, FLAX_ARRAYS_DIR)
+  if paths.as_path(arrays_dir).exists():
     raise FileExistsError(f"{arrays_dir} exists; write to a new directory or delete it first")
   vit_kwargs = mapping.normalize_vit_kwargs(vit_kwargs)
   mapping.check_variables(variables, vit_kwargs)
   tree = {"params": _to_numpy(variables["params"]), "buffers": _to_numpy(variables["buffers"])}
-  os.makedirs(directory, exist_ok=True)
+  paths.as_path(directory).mkdir(parents=True, exist_ok=True)
   # The standard PyTree format (restorable with ocp.StandardCheckpointer / StandardRestore into
   # sharded targets), written synchronously without Orbax's defensive host copy, without zstd
   # (random-looking floats do not compress; it halved the speed) and 1 GB in flight at a time:
@@ -217,8 +235,9 @@ def save_flax(directory, variables, vit_kwargs: dict) -> None:
                                         type_handler_registry=registry)
   with ocp.Checkpointer(handler) as checkpointer:
     checkpointer.save(arrays_dir, args=ocp.args.PyTreeSave(tree))
-  with open(os.path.join(directory, FLAX_KWARGS_FILE), "w") as f:
-    json.dump({"format": "mim_refiner_jax.vit", "vit_kwargs": vit_kwargs}, f, indent=1)
+  if jax.process_index() == 0:  # (the arrays above: every process writes its own shards)
+    paths.as_path(directory).joinpath(FLAX_KWARGS_FILE).write_text(
+        json.dumps({"format": "mim_refiner_jax.vit", "vit_kwargs": vit_kwargs}, indent=1))
 
 
 def _to_numpy(tree):
@@ -230,20 +249,19 @@ def _to_numpy(tree):
 def load_flax(directory) -> Pretrained:
   """Reads a `save_flax` directory (numpy arrays; shard them with jax.device_put as needed)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  directory = os.path.abspath(os.fspath(directory))
-  meta_file = os.path.join(directory, FLAX_KWARGS_FILE)
-  if not os.path.exists(meta_file):
+  directory = paths.resolve(directory)
+  meta_file = paths.join(directory, FLAX_KWARGS_FILE)
+  if not paths.as_path(meta_file).exists():
     raise FileNotFoundError(f"{directory} is not a Flax ViT checkpoint: no {FLAX_KWARGS_FILE} "
                             f"(write one with convert.checkpoints.save_flax or "
                             f"tools/convert_weights.py --to flax)")
   fix = "re-create it (tools/convert_weights.py --to flax) or copy it again"
   try:
-    with open(meta_file) as f:
-      vit_kwargs = json.load(f)["vit_kwargs"]
+    vit_kwargs = json.loads(paths.as_path(meta_file).read_text())["vit_kwargs"]
   except (ValueError, KeyError, TypeError) as e:
     raise torch_files.CheckpointFormatError(
         f"{meta_file} is damaged ({type(e).__name__}: {e}); {fix}") from None
-  arrays_dir = os.path.join(directory, FLAX_ARRAYS_DIR)
+  arrays_dir = paths.join(directory, FLAX_ARRAYS_DIR)
   try:
     with ocp.StandardCheckpointer() as checkpointer:
       tree = checkpointer.restore(arrays_dir)

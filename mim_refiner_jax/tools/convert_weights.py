@@ -17,14 +17,15 @@ are read and written without torch and without running pickled code. Output (`--
 timm and mae state dicts have no place for the head count; the files written here carry it in an
 extra zip record (torch ignores it), other such files need a known width or --num-heads. --dtype sets the PyTorch/safetensors tensors' dtype (float32 by default).
 Prints the detected format, family, size, patch size and parameter count. Mistakes (missing
-file, unknown format, overrides that contradict the file) print one error and exit 1.
+file, unknown format, overrides that contradict the file) print one error and exit 2, as the
+other tools do. --input and --output may be gs:// (or other etils.epath) URLs.
 """
 
 import argparse
-import os
 import sys
 
-
+from mim_refiner_jax import errors
+from mim_refiner_jax import paths
 from mim_refiner_jax.convert import checkpoints
 from mim_refiner_jax.convert import mapping
 from mim_refiner_jax.convert import torch_files
@@ -51,15 +52,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  if os.path.exists(args.output) and args.to != "flax":
+  if args.to != "flax" and paths.as_path(args.output).exists():
     print(f"error: {args.output} exists; choose a new output path", file=sys.stderr)
-    return 2
+    return errors.USER_ERROR_EXIT_CODE
   try:
     pre = checkpoints.load_pretrained(args.input, family=args.family, size=args.size,
                                       patch_size=args.patch_size, num_heads=args.num_heads)
   except (ValueError, OSError, torch_files.UnsafePickleError) as e:
     print(f"error: {e}", file=sys.stderr)
-    return 1
+    return errors.USER_ERROR_EXIT_CODE
   info, kw = pre.info, pre.vit_kwargs
   print(f"input:       {args.input}")
   print(f"format:      {info['format']} (containers: {info.get('containers') or 'none'})")
@@ -81,7 +82,7 @@ def main(argv=None) -> int:
       checkpoints.save_torch(args.output, pre.variables, kw, layout=args.to, dtype=args.dtype)
   except (ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
-    return 1
+    return errors.USER_ERROR_EXIT_CODE
   print(f"wrote:       {args.output} ({args.to}{'' if args.to == 'flax' else ', ' + args.dtype})")
   return 0
 

@@ -1,0 +1,115 @@
+"""Paths of workdirs, output dirs, weights and data roots: local or remote (gs://, s3://, ...).
+
+Every file the package reads or writes under such a path goes through `etils.epath` (what Orbax
+uses too): for gs:// it talks to GCS through gcsfs (or tf.io.gfile where TensorFlow is
+installed); for local paths it is the os module. A remote path is never turned into a local one
+(os.path.abspath("gs://b/w") is "<cwd>/gs:/b/w", a local folder named after the URL).
+
+What an object store cannot do is done the safe way here:
+- files that readers need as real local files (PyTorch zips, safetensors) are read from a
+  temporary local copy (`local_copy`) and written through one (`upload_via_local`);
+- there is no append: `write_text` replaces the whole object (callers keep the text in memory);
+- there is no flock: the workdir lock becomes a lease object (checkpoint.WorkdirLock).
+"""
+
+import contextlib
+import os
+import shutil
+import socket
+import tempfile
+import uuid
+
+from etils import epath
+
+from mim_refiner_jax import errors
+
+
+def is_remote(path) -> bool:
+  """True for URLs such as gs://bucket/dir (any scheme etils.epath serves)."""
+  return "://" in os.fspath(path)
+
+
+def resolve(path) -> str:
+  """Remote paths as they are; local ones absolute (and `~` expanded)."""
+  path = os.fspath(path)
+  return path if is_remote(path) else os.path.abspath(os.path.expanduser(path))
+
+
+def as_path(path) -> epath.Path:
+  return epath.Path(resolve(path))
+
+
+def join(path, *parts) -> str:
+  """`os.path.join` that keeps a URL's `//` (str, so callers can print and compare it)."""
+  return os.fspath(as_path(path).joinpath(*parts))
+
+
+def basename(path) -> str:
+  return as_path(os.fspath(path).rstrip("/")).name
+
+
+@contextlib.contextmanager
+def local_copy(path):
+  """Yields a local filename with `path`'s content: `path` itself, or a temporary copy of a
+  remote file (deleted afterwards), for readers that need a real file (zip, mmap)."""
+  path = os.fspath(path)
+  if not is_remote(path):
+    yield path
+    return
+  source = epath.Path(path)
+  if not source.exists():
+    raise FileNotFoundError(f"{path} does not exist")
+  with tempfile.TemporaryDirectory(prefix="mim_refiner_download_") as tmp:
+    local = os.path.join(tmp, source.name or "file")
+    with source.open("rb") as src, open(local, "wb") as dst:
+      shutil.copyfileobj(src, dst, 16 << 20)
+    yield local
+
+
+@contextlib.contextmanager
+def upload_via_local(path):
+  """Yields a local filename to write; a remote `path` receives the file when the block ends
+  (nothing is uploaded if the block fails). Local paths are written in place."""
+  path = os.fspath(path)
+  if not is_remote(path):
+    yield path
+    return
+  with tempfile.TemporaryDirectory(prefix="mim_refiner_upload_") as tmp:
+    local = os.path.join(tmp, epath.Path(path).name or "file")
+    yield local
+    target = epath.Path(path)
+    with open(local, "rb") as src, target.open("wb") as dst:
+      shutil.copyfileobj(src, dst, 16 << 20)
+
+
+def make_readable(path: str):
+  """Mode 0644 less the umask, as `open(path, "w")` makes: writers that create files 0600
+  (safetensors, mkstemp) would otherwise hide outputs from the group (local files only)."""
+  if is_remote(path):
+    return
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(path, 0o644 & ~umask)
+
+
+def check_writable(directory, setting: str):
+  """UserError naming `directory` (and the `setting` that chose it) unless files can be created
+  there: a read-only mount, no permission, a bucket without write access. Creates the directory
+  (a local one with its parents) if it does not exist; leaves nothing else behind."""
+  directory = resolve(directory)
+  path = epath.Path(directory)
+  probe = path / f".write_probe.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+  try:
+    if path.exists() and not path.is_dir():
+      raise errors.UserError(f"{setting}={directory} is a file, not a directory; choose a "
+                             "directory")
+    path.mkdir(parents=True, exist_ok=True)
+    probe.write_text("probe")
+    probe.unlink()
+  except errors.UserError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  # OSError locally; gcsfs raises others
+    reason = " ".join(str(e).split())[:200] or type(e).__name__
+    raise errors.UserError(f"{setting}={directory} cannot be written ({type(e).__name__}: "
+                           f"{reason}); make it writable (permissions, a read-write mount, a "
+                           "bucket this account may write to) or choose another") from None
