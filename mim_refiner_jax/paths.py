@@ -48,6 +48,19 @@ def basename(path) -> str:
   return as_path(os.fspath(path).rstrip("/")).name
 
 
+def walk(directory, follow_links: bool = False):
+  """(dirpath, dirnames, filenames) under `directory`, as os.walk; for URLs through etils.epath,
+  with the scheme kept on dirpath (fsspec drops it)."""
+  directory = resolve(directory)
+  if not is_remote(directory):
+    yield from os.walk(directory, followlinks=follow_links)
+    return
+  scheme = directory.split("://")[0] + "://"
+  for root, dirs, files in epath.Path(directory).walk():
+    root = os.fspath(root)
+    yield (root if "://" in root else scheme + root), dirs, files
+
+
 @contextlib.contextmanager
 def local_copy(path):
   """Yields a local filename with `path`'s content: `path` itself, or a temporary copy of a

@@ -15,6 +15,7 @@ import subprocess
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 
@@ -73,6 +74,13 @@ class GcsEmulator:
       token = page.get("nextPageToken")
       if not token:
         return sorted(names)
+
+  def read(self, bucket: str, name: str) -> str:
+    """One object's content, straight from the emulator's JSON API."""
+    quoted = urllib.parse.quote(name, safe="")
+    with urllib.request.urlopen(f"{self.url}/storage/v1/b/{bucket}/o/{quoted}?alt=media",
+                                timeout=10) as r:
+      return r.read().decode()
 
   def stop(self):
     if self._process.poll() is None:

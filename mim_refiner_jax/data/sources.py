@@ -35,12 +35,14 @@ give the same labels as tfds' imagenet2012.
 
 import functools
 import inspect
+import io
 import os
 from typing import Any
 
 from absl import logging
 import numpy as np
 
+from mim_refiner_jax import paths
 from mim_refiner_jax.errors import UserError
 
 # torchvision's ImageFolder extensions, compared case-insensitively.
@@ -110,7 +112,9 @@ def decode_image_file(path: str) -> np.ndarray:
   """
   from PIL import Image  # pylint: disable=g-import-not-at-top
   try:
-    with Image.open(path) as img:
+    # gs://... roots: the file's bytes through etils.epath (PIL reads from memory).
+    with Image.open(io.BytesIO(paths.as_path(path).read_bytes()) if paths.is_remote(path)
+                    else path) as img:
       if img.mode.startswith(_HIGH_BIT_MODES):
         pixels = np.asarray(img)
         if img.mode.startswith("I;16"):  # "I;16", "I;16B", ...: 16-bit unsigned
@@ -176,17 +180,18 @@ class ImageFolderSource:
   """root/<class>/**/<file>: classes sorted -> labels 0..C-1, files sorted; PIL decoding."""
 
   def __init__(self, root: str):
-    if not os.path.isdir(root):
+    if not paths.as_path(root).is_dir():
       raise ValueError(f"image folder root {root!r} is not a directory")
     self.root = root
-    self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    self.classes = sorted(p.name for p in paths.as_path(root).iterdir() if p.is_dir())
     files, labels = [], []
+    top = os.fspath(paths.as_path(root)).rstrip("/") + "/"
     for label, name in enumerate(self.classes):
       # The order of torchvision's ImageFolder: folders sorted by path, files by name.
-      for dirpath, _, filenames in sorted(os.walk(os.path.join(root, name), followlinks=True)):
+      for dirpath, _, filenames in sorted(paths.walk(paths.join(root, name), follow_links=True)):
         for f in sorted(filenames):
           if f.lower().endswith(IMAGE_EXTENSIONS):
-            files.append(os.path.relpath(os.path.join(dirpath, f), root))
+            files.append(paths.join(dirpath, f)[len(top):])
             labels.append(label)
     if not files:
       raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in class folders under "
@@ -200,7 +205,7 @@ class ImageFolderSource:
 
   def __getitem__(self, index: int) -> dict:
     index = int(index)
-    image = decode_image_file(os.path.join(self.root, self.files[index]))
+    image = decode_image_file(paths.join(self.root, self.files[index]))
     return {"image": image, "label": int(self.labels[index]), "index": index}
 
 
@@ -412,12 +417,13 @@ def default_eval_sources(train: Any) -> tuple[dict, dict | None]:
   if name == "synthetic":
     return cfg, dict(cfg, seed=cfg.get("seed", 0) + 1)
   if name == "image_folder":
-    root = os.path.normpath(cfg["root"])
-    if os.path.basename(root) == "train":
+    root = paths.as_path(cfg["root"])
+    if root.name == "train":
       for sibling in ("val", "validation"):
-        path = os.path.join(os.path.dirname(root), sibling)
-        if os.path.isdir(path):
-          return cfg, dict(cfg, root=path)
+        path = root.parent / sibling
+        if path.is_dir():
+          return cfg, dict(cfg, root=os.fspath(path) if paths.is_remote(path) else
+                           os.path.join(os.path.dirname(os.path.normpath(cfg["root"])), sibling))
   return cfg, None
 
 

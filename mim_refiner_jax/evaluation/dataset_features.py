@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from mim_refiner_jax import paths
 from mim_refiner_jax.data import sources
 from mim_refiner_jax.evaluation import features as features_lib
 
@@ -41,7 +42,7 @@ def source_config(spec, image_size: int | None = None) -> dict:
   if cfg["name"] in ("mnist", "synthetic") and image_size and "image_size" not in cfg:
     cfg["image_size"] = int(image_size)
   if cfg["name"] == "image_folder":
-    cfg["root"] = os.path.abspath(cfg["root"])
+    cfg["root"] = paths.resolve(cfg["root"])
   return cfg
 
 
@@ -58,21 +59,25 @@ def cache_digest(encoder_identity: dict, source_cfg: dict, transform: dict, dtyp
 
 
 def _read_cache(path: str, keys: Sequence[str]) -> dict | None:
-  if not os.path.exists(path):
+  if not paths.as_path(path).exists():
     return None
-  with np.load(path, allow_pickle=False) as data:  # plain arrays only, never pickles
+  with paths.as_path(path).open("rb") as f, np.load(f, allow_pickle=False) as data:  # no pickles
     if not set(keys) <= set(data.files):
       return None
     return {k: data[k] for k in data.files}
 
 
 def _write_cache(path: str, feats: dict, description: dict):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + f".tmp{os.getpid()}.npz"
-  np.savez(tmp, **feats)
-  os.replace(tmp, path)  # atomic: a reader never sees half a file
-  with open(path[:-len(".npz")] + ".json", "w") as f:
-    json.dump(description, f, indent=1, default=str)
+  paths.as_path(path).parent.mkdir(parents=True, exist_ok=True)
+  if paths.is_remote(path):  # an object appears whole when its upload ends
+    with paths.upload_via_local(path) as local:
+      np.savez(local, **feats)
+  else:
+    tmp = path + f".tmp{os.getpid()}.npz"
+    np.savez(tmp, **feats)
+    os.replace(tmp, path)  # atomic: a reader never sees half a file
+  paths.as_path(path[:-len(".npz")] + ".json").write_text(
+      json.dumps(description, indent=1, default=str))
 
 
 def _agree(flag: bool) -> bool:
@@ -101,12 +106,12 @@ def dataset_features(encoder, source_cfg: dict, keys: Sequence[str], *,
   path = None
   if cache_dir:
     digest = cache_digest(encoder.identity, dict(source_cfg), transform, dtype)
-    path = os.path.join(cache_dir, f"{digest}.npz")
+    path = paths.join(cache_dir, f"{digest}.npz")
     cached = _read_cache(path, keys)
     if _agree(cached is not None):
       return {k: v for k, v in cached.items() if k in keys or k in ("label", "index")}
-    if os.path.exists(path):  # covers fewer keys: recompute them together with the new ones
-      with np.load(path, allow_pickle=False) as data:
+    if paths.as_path(path).exists():  # covers fewer keys: recompute them with the new ones
+      with paths.as_path(path).open("rb") as f, np.load(f, allow_pickle=False) as data:
         keys = keys + tuple(k for k in data.files if k not in keys + ("label", "index"))
   source = sources.make_source(source_cfg)
   batches, num_steps = loader.make_eval_loader(source, transform, batch_size,

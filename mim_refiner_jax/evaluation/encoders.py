@@ -20,6 +20,8 @@ import os
 from absl import logging
 import numpy as np
 
+from mim_refiner_jax import paths
+
 WEIGHTS = ("auto", "ema", "live")
 
 
@@ -37,11 +39,14 @@ class Encoder:
 
 
 def is_workdir(path: str) -> bool:
-  return (os.path.isfile(os.path.join(path, "run.json"))
-          and os.path.isdir(os.path.join(path, "checkpoints")))
+  path = paths.as_path(path)
+  return (path / "run.json").is_file() and (path / "checkpoints").is_dir()
 
 
 def _file_stamp(path: str) -> list:
+  if paths.is_remote(path):  # gs://...: size and modification time from the store
+    st = paths.as_path(path).stat()
+    return [st.length, st.mtime]
   st = os.stat(path)
   return [st.st_size, st.st_mtime_ns]
 
@@ -49,29 +54,31 @@ def _file_stamp(path: str) -> list:
 def _tree_stamp(directory: str) -> str:
   """A digest of the relative names, sizes and mtimes of every file under `directory`."""
   digest = hashlib.sha256()
-  for root, dirs, files in os.walk(directory):
+  top = paths.resolve(directory)
+  for root, dirs, files in paths.walk(directory):
     dirs.sort()
     for name in sorted(files):
-      full = os.path.join(root, name)
-      digest.update(json.dumps([os.path.relpath(full, directory), *_file_stamp(full)]).encode())
+      full = paths.join(root, name)
+      digest.update(json.dumps([full[len(top):].lstrip("/"), *_file_stamp(full)]).encode())
   return digest.hexdigest()[:16]
 
 
 def load_encoder(path: str, *, weights: str = "auto", step: int | None = None) -> Encoder:
   """Loads the encoder at `path` (module docstring). `weights`/`step` only apply to workdirs."""
-  path = os.path.abspath(os.fspath(path))
+  path = paths.resolve(path)  # gs://... stays a URL
   if weights not in WEIGHTS:
     raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
-  if not os.path.exists(path):
+  if not paths.as_path(path).exists():
     raise FileNotFoundError(f"checkpoint {path} does not exist")
-  if os.path.isdir(path) and is_workdir(path):
+  is_dir = paths.as_path(path).is_dir()
+  if is_dir and is_workdir(path):
     return _load_workdir(path, weights, step)
   if weights != "auto" or step is not None:
     raise ValueError(f"--weights/--step select weights inside a training workdir; {path} is a "
                      "single checkpoint")
   from mim_refiner_jax.convert import checkpoints  # pylint: disable=g-import-not-at-top
   pretrained = checkpoints.load_pretrained(path)
-  stamp = _tree_stamp(path) if os.path.isdir(path) else _file_stamp(path)
+  stamp = _tree_stamp(path) if is_dir else _file_stamp(path)
   info = pretrained.info
   return Encoder(pretrained.vit_kwargs, pretrained.variables,
                  identity={"path": path, "stamp": stamp},
@@ -80,18 +87,17 @@ def load_encoder(path: str, *, weights: str = "auto", step: int | None = None) -
 
 
 def _load_workdir(workdir: str, weights: str, step: int | None) -> Encoder:
-  with open(os.path.join(workdir, "run.json")) as f:
-    vit_kwargs = json.load(f)["vit_kwargs"]
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  steps = sorted(int(d) for d in os.listdir(ckpt_dir)
-                 if d.isdigit() and os.path.exists(os.path.join(ckpt_dir, d, "state")))
+  vit_kwargs = json.loads(paths.as_path(workdir).joinpath("run.json").read_text())["vit_kwargs"]
+  ckpt_dir = paths.join(workdir, "checkpoints")
+  steps = sorted(int(d.name) for d in paths.as_path(ckpt_dir).iterdir()
+                 if d.name.isdigit() and (d / "state").exists())
   if not steps:
     raise FileNotFoundError(f"no finished checkpoint in {ckpt_dir}")
   if step is None:
     step = steps[-1]
   elif step not in steps:
     raise ValueError(f"{workdir} has no checkpoint of step {step}; it has steps {steps}")
-  state_dir = os.path.join(ckpt_dir, str(step), "state")
+  state_dir = paths.join(ckpt_dir, str(step), "state")
   verbosity = logging.get_verbosity()
   logging.set_verbosity(logging.ERROR)  # Orbax warns that the item dir has no step metadata
   try:

@@ -12,6 +12,7 @@ import os
 
 import numpy as np
 
+from mim_refiner_jax import paths
 from mim_refiner_jax.evaluation import knn as knn_lib
 
 
@@ -83,9 +84,9 @@ def plot(results: dict, path: str):
 
 def write(results: dict, out_dir: str, stem: str = "per_block") -> tuple[str, str]:
   """Writes OUT_DIR/STEM.json and OUT_DIR/STEM.png; returns their paths."""
-  os.makedirs(out_dir, exist_ok=True)
-  json_path, png_path = (os.path.join(out_dir, f"{stem}.{ext}") for ext in ("json", "png"))
-  with open(json_path, "w") as f:
-    json.dump(results, f, indent=1)
-  plot(results, png_path)
+  paths.as_path(out_dir).mkdir(parents=True, exist_ok=True)
+  json_path, png_path = (paths.join(out_dir, f"{stem}.{ext}") for ext in ("json", "png"))
+  paths.as_path(json_path).write_text(json.dumps(results, indent=1))
+  with paths.upload_via_local(png_path) as local:  # gs://...: drawn here, then uploaded
+    plot(results, local)
   return json_path, png_path

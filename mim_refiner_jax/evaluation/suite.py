@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 
+from mim_refiner_jax import paths as paths_lib
 from mim_refiner_jax.evaluation import dataset_features as dataset_lib
 from mim_refiner_jax.evaluation import encoders as encoders_lib
 from mim_refiner_jax.evaluation import knn as knn_lib
@@ -110,10 +111,10 @@ def needed_keys(opts: Options, depth: int) -> tuple[set, set]:
 
 
 def default_out_dir(path: str) -> str:
-  path = os.path.abspath(path)
+  path = paths_lib.resolve(path)  # gs://... stays a URL
   if encoders_lib.is_workdir(path):
-    return os.path.join(path, "evaluation")
-  return path.rstrip(os.sep) + ".eval"
+    return paths_lib.join(path, "evaluation")
+  return path.rstrip("/") + ".eval"
 
 
 def _run_knn(opts, train, test, depth, mesh) -> dict:
@@ -134,7 +135,7 @@ def evaluate_checkpoint(path: str, opts: Options, mesh=None, log=print) -> dict:
   transform = dataset_lib.eval_transform(image_size, opts.resize or None)
   cache_dir = opts.cache_dir
   if cache_dir is None:
-    cache_dir = (os.path.join(encoder.identity["path"], "feature_cache")
+    cache_dir = (paths_lib.join(encoder.identity["path"], "feature_cache")
                  if encoders_lib.is_workdir(encoder.identity["path"]) else DEFAULT_CACHE)
   log(f"{encoder.description}: depth {depth}, eval view {transform}")
   train_keys, test_keys = needed_keys(opts, depth)
@@ -274,9 +275,9 @@ def run(checkpoints: list, opts: Options, *, names: list | None = None, out_dir:
     all_results[name] = evaluate_checkpoint(path, opts, mesh=mesh, log=log)
   is_main = jax.process_index() == 0
   if is_main:
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-      json.dump(all_results, f, indent=1, default=float)
+    paths_lib.as_path(out_dir).mkdir(parents=True, exist_ok=True)
+    paths_lib.as_path(out_dir).joinpath("results.json").write_text(
+        json.dumps(all_results, indent=1, default=float))
   if "per_block" in opts.protocols and is_main:
     first = next(iter(all_results.values()))
     combined = dict(k=opts.per_block_k, tau=opts.tau, pooling=opts.per_block_pooling,
@@ -292,11 +293,11 @@ def run(checkpoints: list, opts: Options, *, names: list | None = None, out_dir:
         writer.write(results["checkpoint"]["step"],
                      {f"eval/{k}": v for k, v in scalars(results).items()})
   log(table(all_results))
-  log(f"results: {os.path.join(out_dir, 'results.json')}")
+  log(f"results: {paths_lib.join(out_dir, 'results.json')}")
   return all_results
 
 
 def _short_name(path: str) -> str:
-  path = os.path.abspath(path).rstrip(os.sep)
-  parent, base = os.path.split(path)
-  return f"{os.path.basename(parent)}/{base}" if parent else base
+  path = paths_lib.as_path(os.fspath(path).rstrip("/"))
+  parent = path.parent.name
+  return f"{parent}/{path.name}" if parent else path.name

@@ -1,0 +1,136 @@
+"""gs:// everywhere (issue 19, items 1-2), against a real GCS API: fake-gcs-server on 127.0.0.1
+(tests/gcs_emulator.py), started once for the module.
+
+Through the real command lines, each with its working directory an empty folder that must stay
+empty: weights converted to gs://, a stage-2 run on a gs:// workdir stopped (--stop_after_steps)
+and resumed, the same run uninterrupted (the losses must match), its stage-3 continuation from the
+gs:// stage-2 workdir stopped by SIGTERM and resumed, the export evaluated (k-NN) from gs:// with
+the feature cache and results in the bucket, and the export converted back out of the bucket.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from mim_refiner_jax.convert.checkpoints import save_flax
+from tests import gcs_emulator
+from tests.test_train import CONFIG, ROOT
+
+BUCKET = "mim-refiner-test"
+
+
+@pytest.fixture(scope="module")
+def gcs():
+  emulator = gcs_emulator.GcsEmulator()
+  emulator.create_bucket(BUCKET)
+  yield emulator
+  emulator.stop()
+
+
+def _env(gcs):
+  # (The session's persistent compilation cache, tests/conftest.py, comes with os.environ: the
+  # resumed and repeated runs reuse the first one's compiled step.)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, **gcs.env())
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+  return env
+
+
+def _run(gcs, cwd, *args, timeout=300):
+  start = time.time()
+  proc = subprocess.run([sys.executable, *args], cwd=cwd, env=_env(gcs),
+                        capture_output=True, text=True, timeout=timeout, check=False)
+  print(f"{time.time() - start:.1f} s: {' '.join(args[:3])}")
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return proc.stdout
+
+
+def _losses(gcs, workdir: str) -> dict:
+  """{step: loss} from the metrics.jsonl object, read straight from the emulator."""
+  text = gcs.read(BUCKET, workdir + "/metrics.jsonl")
+  rows = [json.loads(line) for line in text.splitlines()]
+  return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_gs_workdirs_end_to_end(gcs, tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from mim_refiner_jax.models.vit import ViT, vit_kwargs  # pylint: disable=g-import-not-at-top
+  kwargs = vit_kwargs("mu", 4, image_size=16)
+  local_weights = str(tmp_path / "mu")
+  save_flax(local_weights, jax.tree.map(np.asarray, ViT(**kwargs).init(
+      jax.random.key(0), jnp.zeros((1, 16, 16, 3)))), kwargs)
+  cwd = tmp_path / "cwd"  # every command runs here: nothing may appear in it
+  cwd.mkdir()
+  gs = f"gs://{BUCKET}"
+  tool = lambda name: os.path.join(ROOT, "tools", f"{name}.py")
+  trainer = ["-m", "mim_refiner_jax.train"]
+
+  # Weights into the bucket (the safetensors file is written locally, then uploaded).
+  _run(gcs, cwd, tool("convert_weights"), "--input", local_weights, "--output",
+       f"{gs}/weights/mu.safetensors", "--to", "safetensors")
+
+  # Stage 2: stopped after 3 of 8 steps, resumed; and the same run uninterrupted.
+  s2 = [*trainer, f"--config={CONFIG}:stage=2,knn=false",
+        f"--config.init.pretrained={gs}/weights/mu.safetensors"]
+  out = _run(gcs, cwd, *s2, f"--workdir={gs}/s2", "--stop_after_steps=3")
+  assert "stopping at step 3" in out, out
+  out = _run(gcs, cwd, *s2, f"--workdir={gs}/s2")
+  assert f"resumed {gs}/s2 at step 3" in out and f"exported the trained encoder to {gs}/s2/export" \
+      in out, out
+  _run(gcs, cwd, *s2, f"--workdir={gs}/s2_whole")
+  resumed, whole = _losses(gcs, "s2"), _losses(gcs, "s2_whole")
+  assert sorted(resumed) == list(range(1, 9)) and sorted(whole) == list(range(1, 9))
+  np.testing.assert_allclose([resumed[s] for s in range(1, 9)], [whole[s] for s in range(1, 9)],
+                             rtol=1e-6)  # same devices, same order: equal up to float noise
+
+  # Stage 3 from the gs:// stage-2 workdir: SIGTERM after its first logged step, then resumed.
+  s3 = [*trainer, f"--config={CONFIG}:stage=3,knn=false",
+        f"--config.init.stage2_workdir={gs}/s2", f"--workdir={gs}/s3"]
+  proc = subprocess.Popen([sys.executable, *s3], cwd=cwd, env=_env(gcs),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  lines = []
+  for line in proc.stdout:
+    lines.append(line)
+    if "| loss" in line:
+      proc.send_signal(signal.SIGTERM)
+      break
+  out, err = proc.communicate(timeout=300)
+  out = "".join(lines) + out
+  assert proc.returncode == 0 and "stopping at step" in out, out + err
+  stopped = int(out.split("stopping at step ")[1].split(":")[0])
+  out = _run(gcs, cwd, *s3)
+  assert f"resumed {gs}/s3 at step {stopped}" in out and "exported the EMA encoder" in out, out
+  assert sorted(_losses(gcs, "s3")) == list(range(1, 9))
+
+  # A k-NN evaluation of the export from the bucket, cache and results there too.
+  _run(gcs, cwd, tool("evaluate"), "--checkpoint", f"{gs}/s3/export/encoder_flax",
+       "--protocols", "knn", "--train", "synthetic:64,num_classes=4,image_size=24",
+       "--test", "synthetic:32,num_classes=4,image_size=24,seed=1", "--features", "block1_cls,cls",
+       "--k", "5", "--batch-size", "16", "--cache-dir", f"{gs}/feature_cache",
+       "--out", f"{gs}/eval", "--no-progress")
+  results = json.loads(gcs.read(BUCKET, "eval/results.json"))
+  assert 0.0 <= next(iter(results.values()))["protocols"]["knn"]["cls"]["5"] <= 1.0
+
+  # And out of the bucket again: the exported .th to a local safetensors file.
+  back = tmp_path / "refined.safetensors"
+  _run(gcs, cwd, tool("convert_weights"), "--input", f"{gs}/s3/export/encoder_refined.th",
+       "--output", str(back), "--to", "safetensors")
+  assert back.stat().st_size > 0
+
+  objects = gcs.objects(BUCKET)
+  for workdir in ("s2", "s2_whole", "s3"):
+    for name in ("run.json", "metrics.jsonl", "export/encoder_refined.th",
+                 "export/encoder_flax/vit_kwargs.json"):
+      assert f"{workdir}/{name}" in objects, (workdir, name)
+    assert any(o.startswith(f"{workdir}/tb/events.out.tfevents.") for o in objects), workdir
+    assert any(o.startswith(f"{workdir}/checkpoints/8/state/") for o in objects), workdir
+    assert any(o.startswith(f"{workdir}/export/encoder_flax/variables/") for o in objects)
+    assert f"{workdir}/run.lock" not in objects  # the lease is given back
+  assert any(o.startswith("feature_cache/") and o.endswith(".npz") for o in objects)
+  assert os.listdir(cwd) == []  # no local folder named gs: (or anything else)
