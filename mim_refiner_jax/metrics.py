@@ -265,7 +265,7 @@ class MetricWriter:
     self._jsonl = self._tb = None
     if not self.active:
       return
-    paths.as_path(workdir).mkdir(parents=True, exist_ok=True)
+    paths.makedirs(workdir)
     self._jsonl = _open_jsonl(self.jsonl_path)
     if tensorboard:
       self._tb = _summary_writer(self.tb_dir)

@@ -48,6 +48,13 @@ def basename(path) -> str:
   return as_path(os.fspath(path).rstrip("/")).name
 
 
+def makedirs(directory):
+  """`mkdir -p` for local paths; nothing for URLs: object stores have no directories, and
+  gcsfs's makedirs would create a missing bucket (from a typo) instead of failing."""
+  if not is_remote(directory):
+    os.makedirs(resolve(directory), exist_ok=True)
+
+
 def walk(directory, follow_links: bool = False):
   """(dirpath, dirnames, filenames) under `directory`, as os.walk; for URLs through etils.epath,
   with the scheme kept on dirpath (fsspec drops it)."""
@@ -116,7 +123,7 @@ def check_writable(directory, setting: str):
     if path.exists() and not path.is_dir():
       raise errors.UserError(f"{setting}={directory} is a file, not a directory; choose a "
                              "directory")
-    path.mkdir(parents=True, exist_ok=True)
+    makedirs(directory)
     probe.write_text("probe")
     probe.unlink()
   except errors.UserError:

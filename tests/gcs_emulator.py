@@ -63,6 +63,10 @@ class GcsEmulator:
                                      headers={"Content-Type": "application/json"})
     urllib.request.urlopen(request, timeout=10).close()
 
+  def buckets(self) -> list[str]:
+    with urllib.request.urlopen(f"{self.url}/storage/v1/b", timeout=10) as r:
+      return sorted(item["name"] for item in json.load(r).get("items", []))
+
   def objects(self, bucket: str) -> list[str]:
     """Every object name in `bucket`, straight from the emulator's JSON API."""
     names, token = [], ""

@@ -158,5 +158,6 @@ def test_unwritable_bucket_is_one_line(gcs_here):
   with pytest.raises(errors.UserError, match=r"^--workdir=gs://no-such-bucket-here/w cannot be "
                      r"written \(.*\); make it writable"):
     paths.check_writable("gs://no-such-bucket-here/w", "--workdir")
+  assert gcs_here.buckets() == [BUCKET]  # (gcsfs's makedirs would have created it)
   paths.check_writable(f"gs://{BUCKET}/writable", "--workdir")
   assert not [o for o in gcs_here.objects(BUCKET) if o.startswith("writable/")]  # probe removed

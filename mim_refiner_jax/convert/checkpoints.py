@@ -189,7 +189,7 @@ def save_torch(path, variables, vit_kwargs: dict, layout: str = "refined",
   vit_kwargs = mapping.normalize_vit_kwargs(vit_kwargs)
   sd = mapping.to_torch_state_dict(variables, vit_kwargs, "timm" if layout == "mae" else layout)
   sd = {k: v.astype(TORCH_DTYPES[dtype], copy=False) for k, v in sd.items()}
-  paths.as_path(path).parent.mkdir(parents=True, exist_ok=True)
+  paths.makedirs(paths.as_path(path).parent)
   with paths.upload_via_local(path) as local:  # gs://...: written here, then uploaded
     _save_torch_file(local, sd, vit_kwargs, layout)
     paths.make_readable(local)  # safetensors creates its files 0600; every other output is 0644
@@ -222,7 +222,7 @@ def save_flax(directory, variables, vit_kwargs: dict) -> None:
   vit_kwargs = mapping.normalize_vit_kwargs(vit_kwargs)
   mapping.check_variables(variables, vit_kwargs)
   tree = {"params": _to_numpy(variables["params"]), "buffers": _to_numpy(variables["buffers"])}
-  paths.as_path(directory).mkdir(parents=True, exist_ok=True)
+  paths.makedirs(directory)
   # The standard PyTree format (restorable with ocp.StandardCheckpointer / StandardRestore into
   # sharded targets), written synchronously without Orbax's defensive host copy, without zstd
   # (random-looking floats do not compress; it halved the speed) and 1 GB in flight at a time:

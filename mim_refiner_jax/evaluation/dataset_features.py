@@ -68,7 +68,7 @@ def _read_cache(path: str, keys: Sequence[str]) -> dict | None:
 
 
 def _write_cache(path: str, feats: dict, description: dict):
-  paths.as_path(path).parent.mkdir(parents=True, exist_ok=True)
+  paths.makedirs(paths.as_path(path).parent)
   if paths.is_remote(path):  # an object appears whole when its upload ends
     with paths.upload_via_local(path) as local:
       np.savez(local, **feats)

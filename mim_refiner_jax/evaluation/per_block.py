@@ -84,7 +84,7 @@ def plot(results: dict, path: str):
 
 def write(results: dict, out_dir: str, stem: str = "per_block") -> tuple[str, str]:
   """Writes OUT_DIR/STEM.json and OUT_DIR/STEM.png; returns their paths."""
-  paths.as_path(out_dir).mkdir(parents=True, exist_ok=True)
+  paths.makedirs(out_dir)
   json_path, png_path = (paths.join(out_dir, f"{stem}.{ext}") for ext in ("json", "png"))
   paths.as_path(json_path).write_text(json.dumps(results, indent=1))
   with paths.upload_via_local(png_path) as local:  # gs://...: drawn here, then uploaded

@@ -275,7 +275,7 @@ def run(checkpoints: list, opts: Options, *, names: list | None = None, out_dir:
     all_results[name] = evaluate_checkpoint(path, opts, mesh=mesh, log=log)
   is_main = jax.process_index() == 0
   if is_main:
-    paths_lib.as_path(out_dir).mkdir(parents=True, exist_ok=True)
+    paths_lib.makedirs(out_dir)
     paths_lib.as_path(out_dir).joinpath("results.json").write_text(
         json.dumps(all_results, indent=1, default=float))
   if "per_block" in opts.protocols and is_main:

@@ -31,6 +31,7 @@ import time
 import jax.numpy as jnp
 
 from mim_refiner_jax import errors
+from mim_refiner_jax import paths
 from mim_refiner_jax.convert import checkpoints
 from mim_refiner_jax.data import loader, sources
 from mim_refiner_jax.evaluation import features, forward_memory, knn
@@ -147,10 +148,9 @@ def evaluate(args):
     print(f"{key:>22}: " + "  ".join(f"k={k} {100 * a:.2f}%" for k, a in accs.items()))
   print(f"done in {time.time() - start:.1f} s")
   if args.json:
-    with open(args.json, "w") as f:
-      json.dump({"checkpoint": args.checkpoint, "train": args.train, "test": args.test,
-                 "resize": resize, "crop": crop, "tau": args.tau, "accuracy": results}, f,
-                indent=1)
+    paths.as_path(args.json).write_text(json.dumps(  # (a local path or gs://...)
+        {"checkpoint": args.checkpoint, "train": args.train, "test": args.test,
+         "resize": resize, "crop": crop, "tau": args.tau, "accuracy": results}, indent=1))
   return results
 
 
