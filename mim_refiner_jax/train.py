@@ -331,7 +331,7 @@ def check_resume_config(config, workdir: str, info: dict):
 
 def load_stage2_state(config, mesh, rules, key):
   """The last checkpoint of a stage-2 workdir, heads narrowed to this config's (section 7)."""
-  workdir = paths.resolve(config.init.stage2_workdir)
+  workdir = config.init.stage2_workdir  # (local, or gs://... read through etils.epath)
   info = read_run_info(workdir)
   s2_config = ml_collections.ConfigDict(info["config"])
   if s2_config.stage != 2:
@@ -359,7 +359,7 @@ def load_stage2_state(config, mesh, rules, key):
   target = checkpoint_lib.abstract_with_shardings(
       shapes, sharding_lib.infer_shardings(mesh, shapes, rules))
   ckpt_dir = paths.join(workdir, STATE_DIR)
-  if not paths.as_path(ckpt_dir).is_dir():  # (the Checkpointer would create it inside that workdir)
+  if not paths.as_path(ckpt_dir).is_dir():  # (the Checkpointer would create it in that workdir)
     raise errors.UserError(f"no checkpoint in {ckpt_dir}: run stage 2 there first")
   ckpt = checkpoint_lib.Checkpointer(ckpt_dir, every_steps=1, keep=1)
   # The newest stage-2 checkpoint that restores (a damaged one is reported and left in place).
@@ -430,7 +430,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_after: int | Non
   """Runs (or resumes) one stage in `workdir`; returns `(state, last metrics fetched)`."""
   validate_config(config)
   config = resolve_eval_sources(config)
-  workdir = paths.resolve(workdir)  # gs://... as it is: never a local folder named after a URL
+  workdir = os.fspath(workdir)  # gs://... stays a URL: never a local folder named after one
   workdir_existed = paths.as_path(workdir).is_dir()
   # Before anything is read or compiled: one line naming a workdir that cannot be written.
   paths.check_writable(workdir, "--workdir")

@@ -36,8 +36,11 @@ class GcsEmulator:
     self._log = open(os.path.join(self._root.name, "server.log"), "wb")
     storage = os.path.join(self._root.name, "storage")
     os.makedirs(storage)
+    binary = _server._get_binary_path()  # pylint: disable=protected-access
+    # Our own Popen, not the wrapper's FakeGCSServer: that one pipes the server's log without
+    # reading it (a chatty run would block) and sets STORAGE_EMULATOR_HOST in this process.
     self._process = subprocess.Popen(
-        [str(_server._get_binary_path()), "-scheme", "http", "-backend", "filesystem",  # pylint: disable=protected-access
+        [str(binary), "-scheme", "http", "-backend", "filesystem",
          "-filesystem-root", storage, "-host", "127.0.0.1", "-port", str(self.port),
          "-external-url", self.url, "-log-level", "error"],
         stdout=self._log, stderr=self._log)

@@ -27,9 +27,11 @@ BUCKET = "mim-refiner-test"
 @pytest.fixture(scope="module")
 def gcs():
   emulator = gcs_emulator.GcsEmulator()
-  emulator.create_bucket(BUCKET)
-  yield emulator
-  emulator.stop()
+  try:
+    emulator.create_bucket(BUCKET)
+    yield emulator
+  finally:
+    emulator.stop()
 
 
 def _env(gcs):
