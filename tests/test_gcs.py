@@ -163,3 +163,24 @@ def test_unwritable_bucket_is_one_line(gcs_here):
   assert gcs_here.buckets() == [BUCKET]  # (gcsfs's makedirs would have created it)
   paths.check_writable(f"gs://{BUCKET}/writable", "--workdir")
   assert not [o for o in gcs_here.objects(BUCKET) if o.startswith("writable/")]  # probe removed
+
+
+def test_image_folder_in_a_bucket(gcs_here, tmp_path):
+  """image_folder: roots on gs:// list, label and decode like local ones (and find val/)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from mim_refiner_jax.data import sources  # pylint: disable=g-import-not-at-top
+  pixels = np.random.default_rng(0).integers(0, 255, (3, 6, 6, 3), np.uint8)
+  for split in ("train", "val"):
+    for name, image in zip(("a/0.png", "a/sub/1.png", "b/2.png"), pixels):
+      local = tmp_path / "image.png"
+      Image.fromarray(image).save(local)
+      epath.Path(f"gs://{BUCKET}/images/{split}/{name}").write_bytes(local.read_bytes())
+  root = f"gs://{BUCKET}/images/train"
+  folder = sources.ImageFolderSource(root)
+  assert folder.classes == ["a", "b"] and folder.files == ["a/0.png", "a/sub/1.png", "b/2.png"]
+  assert list(folder.labels) == [0, 0, 1]
+  np.testing.assert_array_equal(folder[1]["image"], pixels[1])  # PNG: lossless
+  _, test = sources.default_eval_sources(f"image_folder:{root}")
+  assert test["root"] == f"gs://{BUCKET}/images/val"
