@@ -2,7 +2,8 @@
 
 A checkpoint step holds three items:
   state: the train state pytree (params, optimizer, EMA, BatchNorm statistics, queues, step, rng);
-  data:  the Grain iterator state, so a restart continues on the exact next batch;
+  data:  a Grain iterator state (optional; the trainer saves none: its input stream restarts at
+         the state's global step on any host count, data/loader.py);
   meta:  JSON (config name, stage, step, wall time) for people and tools.
 Saves are asynchronous; `close()` waits for the last one. Restoring takes abstract targets that
 carry the shardings wanted now, so a checkpoint restores onto a mesh of any device count
