@@ -181,3 +181,12 @@ class Watchdog:
       others = {p for p in others if f"{_PREFIX}ack/{p}" not in entries
                 and f"{_PREFIX}done/{p}" not in entries}
       time.sleep(self.interval / 2)
+
+
+def wait_for_all(name: str, timeout_s: float = 3600.0):
+  """A barrier through the coordination service, not a device collective: CPU collectives (gloo)
+  give up after 30 s when one process reaches its first collective that much later than another
+  (e.g. its compile missed the persistent cache). No-op with one process; a process that dies
+  meanwhile is reported by the Watchdog."""
+  if jax.process_count() > 1:
+    _client().wait_at_barrier(f"mim_refiner_jax/{name}", int(timeout_s * 1000))

@@ -547,6 +547,7 @@ def _train(config, workdir: str, stop_after: int | None, guard: WorkdirGuard):
       batch_example, sharding_lib.batch_shardings(mesh, batch_example))
   t0 = time.time()
   compiled = step_fn.lower(state, abstract_batch).compile()
+  distributed_lib.wait_for_all("train_step_compiled")  # processes compile at different speeds
   flops = metrics_lib.compiled_flops(compiled)
   memory = compiled.memory_analysis()
   mib = lambda name: getattr(memory, name, 0) / 2**20
