@@ -129,16 +129,35 @@ class Watchdog:
       stale = early
     if stale:
       lost = min(stale, key=lambda p: self._changed[p][1])  # the first to fall silent
-      self._exit(LOST_PROCESS_EXIT_CODE, self._lost_message(lost, heartbeat))
+      self._exit(LOST_PROCESS_EXIT_CODE, self._lost_message(lost, heartbeat), lost=lost)
 
   def _lost_message(self, process: int, why: str) -> str:
     return (f"process {process} of {self.count} stopped responding ({why}): it died or its host "
             "is gone, so this process stops too; rerun the same command on every host (any host "
             "count) to resume from the last checkpoint")
 
-  def _exit(self, status: int, message: str):
+  def _exit(self, status: int, message: str, lost: int | None = None):
     errors.print_error(message)
+    sys.stdout.flush()
+    try:
+      self.client.key_value_set(f"{_PREFIX}exiting/{self.index}", "1", allow_overwrite=True)
+      if self.index == 0:  # hosts the service: the others' JAX clients abort if it goes first
+        self._wait_for_others("exiting", skip=lost)
+    except Exception:  # pylint: disable=broad-except  # the store is gone: nothing to wait for
+      pass
     os._exit(status)  # pylint: disable=protected-access  # the main thread may be stuck in XLA
+
+  def _wait_for_others(self, key: str, skip: int | None = None):
+    """Until every other process has set `key` (or is done, or `skip`), at most `timeout` s."""
+    others = set(self._changed) - {skip}
+    deadline = time.monotonic() + self.timeout
+    while others and time.monotonic() < deadline:
+      entries = dict(self.client.key_value_dir_get(_PREFIX))
+      others = {p for p in others if f"{_PREFIX}{key}/{p}" not in entries
+                and f"{_PREFIX}done/{p}" not in entries}
+      time.sleep(self.interval / 4)
+    if key == "exiting":
+      time.sleep(0.2)  # their os._exit follows their key at once
 
   # ------------------------------------------------------------------------ this process fails
   def fail(self, error: BaseException, verbose: bool = False):
@@ -164,29 +183,9 @@ class Watchdog:
     try:
       self.client.key_value_set(f"{_PREFIX}error/{self.index}", f"{status} {message}",
                                 allow_overwrite=True)
-      self._wait_for_acks()
+      self._wait_for_others("ack")
     except Exception:  # pylint: disable=broad-except  # the store is gone: the others notice
       pass
     if verbose or not user_error:
       traceback.print_exception(error)
-    errors.print_error(message)
-    sys.stdout.flush()
-    os._exit(status)  # pylint: disable=protected-access  # not JAX's shutdown barrier: it waits
-
-  def _wait_for_acks(self):
-    others = set(self._changed)
-    deadline = time.monotonic() + self.timeout
-    while others and time.monotonic() < deadline:
-      entries = dict(self.client.key_value_dir_get(_PREFIX))
-      others = {p for p in others if f"{_PREFIX}ack/{p}" not in entries
-                and f"{_PREFIX}done/{p}" not in entries}
-      time.sleep(self.interval / 2)
-
-
-def wait_for_all(name: str, timeout_s: float = 3600.0):
-  """A barrier through the coordination service, not a device collective: CPU collectives (gloo)
-  give up after 30 s when one process reaches its first collective that much later than another
-  (e.g. its compile missed the persistent cache). No-op with one process; a process that dies
-  meanwhile is reported by the Watchdog."""
-  if jax.process_count() > 1:
-    _client().wait_at_barrier(f"mim_refiner_jax/{name}", int(timeout_s * 1000))
+    self._exit(status, message)

@@ -133,15 +133,19 @@ def test_killed_process_stops_the_other_and_the_run_resumes(pretrained, tmp_path
   assert sorted(_losses(workdir)) == list(range(1, saved + 3))
 
 
-def test_start_up_failure_on_one_host_stops_all(pretrained, tmp_path):  # noqa: F811
-  """A bad path on process 1 only: both exit with status 2 and that process's error."""
+@pytest.mark.parametrize("failing", [1, 0])  # 0 also hosts the coordination service
+def test_start_up_failure_on_one_host_stops_all(pretrained, tmp_path, failing):  # noqa: F811
+  """A bad path on one process only: both exit with status 2 and that process's error."""
   missing = str(tmp_path / "missing_weights")
+  bad = [f"--config.init.pretrained={missing}"]
   procs = _start(2, _args(pretrained, tmp_path / "run"),
-                 per_process_args=[[], [f"--config.init.pretrained={missing}"]])
+                 per_process_args=[bad, []] if failing == 0 else [[], bad])
   outs = _finish(procs, timeout=120)
-  assert [p.returncode for p in procs] == [2, 2], outs
-  assert outs[1].strip().splitlines()[-1].startswith(f"error: config.init.pretrained={missing}")
-  last = outs[0].strip().splitlines()[-1]
-  assert last.startswith(f"error: process 1 of 2 failed: config.init.pretrained={missing}"), outs[0]
-  assert "Traceback" not in outs[0] + outs[1]
+  assert [p.returncode for p in procs] == [2, 2], "\n-----\n".join(outs)
+  own = outs[failing].strip().splitlines()[-1]
+  assert own.startswith(f"error: config.init.pretrained={missing}"), outs[failing]
+  other = outs[1 - failing].strip().splitlines()[-1]
+  assert other.startswith(f"error: process {failing} of 2 failed: config.init.pretrained="
+                          f"{missing}"), outs[1 - failing]
+  assert "Traceback" not in outs[0] + outs[1] and "Fatal" not in outs[0] + outs[1]
   assert not os.path.exists(tmp_path / "run" / "checkpoints")
