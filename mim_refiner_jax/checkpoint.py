@@ -53,7 +53,8 @@ class PreemptionFlag:
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-  def __init__(self):
+  def __init__(self, what: str = "saving a checkpoint and stopping after this step"):
+    self.what = what  # what the process does next, for the message
     self._event = threading.Event()
     self._previous = {}
 
@@ -67,8 +68,7 @@ class PreemptionFlag:
     again = " Press Ctrl-C again to quit at once without saving." if signum == signal.SIGINT else ""
     # os.write, not print/logging: a handler that writes to a stream the main thread is writing
     # to can fail with "reentrant call".
-    os.write(2, f"{name} received: saving a checkpoint and stopping after this step.{again}\n"
-             .encode())
+    os.write(2, f"{name} received: {self.what}.{again}\n".encode())
     if signum == signal.SIGINT or self._event.is_set():
       signal.signal(signal.SIGINT, signal.SIG_DFL)  # the next Ctrl-C ends the process at once
     self._event.set()

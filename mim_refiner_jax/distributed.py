@@ -189,3 +189,12 @@ class Watchdog:
     if verbose or not user_error:
       traceback.print_exception(error)
     self._exit(status, message)
+
+
+def wait_for_all(name: str, timeout_s: float = 3600.0):
+  """A barrier through the coordination service, not a device collective: CPU collectives (gloo)
+  give up after 30 s when one process reaches its first collective that much later than another
+  (e.g. its compile missed the persistent cache). No-op with one process; a process that dies
+  meanwhile is reported by the Watchdog."""
+  if jax.process_count() > 1:
+    _client().wait_at_barrier(f"mim_refiner_jax/{name}", int(timeout_s * 1000))

@@ -546,7 +546,19 @@ def _train(config, workdir: str, stop_after: int | None, guard: WorkdirGuard):
                                         + x.shape[2:], x.dtype, sharding=s),
       batch_example, sharding_lib.batch_shardings(mesh, batch_example))
   t0 = time.time()
-  compiled = step_fn.lower(state, abstract_batch).compile()
+  # Ctrl-C / SIGTERM from here on set a flag instead of raising KeyboardInterrupt inside XLA's
+  # compile, after which the interpreter's teardown crashed (issue 19: exit -11).
+  preemption = checkpoint_lib.PreemptionFlag("stopping once the train step is compiled").install()
+  log("compiling the train step")
+  try:
+    compiled = step_fn.lower(state, abstract_batch).compile()
+  except BaseException:
+    preemption.uninstall()
+    raise
+  if preemption.is_set():
+    preemption.uninstall()
+    raise KeyboardInterrupt  # before the first step: nothing to save (exit 130, as found)
+  preemption.what = "saving a checkpoint and stopping after this step"
   distributed_lib.wait_for_all("train_step_compiled")  # processes compile at different speeds
   flops = metrics_lib.compiled_flops(compiled)
   memory = compiled.memory_analysis()
@@ -575,7 +587,6 @@ def _train(config, workdir: str, stop_after: int | None, guard: WorkdirGuard):
       total_steps, config.batch_size, start_step=start, skip_steps=1,
       num_devices=jax.device_count(), flops_per_device=flops,
       peak_flops_per_device=metrics_lib.device_peak_flops())
-  preemption = checkpoint_lib.PreemptionFlag().install()
   last = {}
   step = start
   log("stage %d: steps %d -> %d (%.1f steps/epoch), batch %d", config.stage, start,
