@@ -309,6 +309,7 @@ def load_pretrained(path: str, num_heads: int | None = None,
 # (check_architecture), since "" there means "whatever the weights are".
 HEAD_FIELDS = ("heads.proj_hidden", "heads.pred_hidden", "heads.out_dim", "queue.size")
 STATE_FIELDS = ("stage", "heads.names", "optim.frozen_blocks") + HEAD_FIELDS
+ORDER_FIELDS = ("seed", "batch_size")
 
 
 def _field(config_dict: dict, field: str):
@@ -336,6 +337,11 @@ def check_resume_config(config, workdir: str, info: dict):
   """A resumed run must build the state its checkpoint holds (else: say which field changed)."""
   fix = "resume with --config.{field}={old}, or start a new run in another workdir"
   check_same_fields(config, info["config"], STATE_FIELDS, f"the run in {workdir}", fix)
+  # The sample order is a function of (seed, batch_size, step) on any host count (issue 19):
+  # another value would continue with a silently different order.
+  check_same_fields(config, info["config"], ORDER_FIELDS, f"the run in {workdir}",
+                    "the sample order is a function of (seed, batch_size, step), so the run "
+                    "would continue with another order: " + fix)
   saved_ema = _field(info["config"], "ema_decay")
   if saved_ema is not None and (saved_ema > 0) != (config.ema_decay > 0):
     raise errors.UserError(

@@ -250,6 +250,12 @@ def test_stage3_and_resume_check_state_fields(pretrained, tmp_path):
                      "queue.size=64; resume with --config.queue.size=64, or start a new run"):
     train_lib.train(config, run)
   assert sorted(os.listdir(run)) == ["checkpoints", "run.json"]
+  # ... or with a field that shapes the sample order (issue 19: never silently another order).
+  config.queue.size = 64
+  config.seed = 7
+  with pytest.raises(errors.UserError, match=r"config.seed=7 but the run in .* has seed=0; the "
+                     r"sample order is a function of \(seed, batch_size, step\)"):
+    train_lib.train(config, run)
 
 
 # ----------------------------------------------------------------------------- failed starts
