@@ -14,7 +14,9 @@ one line and exit with status 2 (--verbose shows the traceback).
 Several processes (TPU pod slices, several GPU nodes): start the same command on every host.
 `jax.distributed` is initialised before anything touches a device: automatically on TPU pods and
 SLURM (or with --distributed=on), or explicitly with --coordinator_address, --num_processes and
---process_id. A run restarted with the same workdir resumes from its last checkpoint by itself.
+--process_id. A run restarted with the same workdir resumes from its last checkpoint by itself,
+on any host count (the global batches are a function of (seed, step)). A process that dies or
+fails stops the others within --host_timeout seconds with one line naming it (distributed.py).
 
 The file reads top to bottom: distributed -> config -> mesh -> input -> model and optimizer ->
 state (resume | stage-2 workdir | pre-trained weights) -> step -> evaluation -> loop -> export.

@@ -99,12 +99,19 @@ def test_elastic_resume(pretrained, tmp_path):  # noqa: F811
   assert (other / "export" / "encoder_refined.th").is_file()
 
 
-def test_killed_process_stops_the_other_and_the_run_resumes(pretrained, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("victim", [1, pytest.param(0, marks=pytest.mark.slow)])
+def test_killed_process_stops_the_other_and_the_run_resumes(pretrained, tmp_path, victim):  # noqa: F811
   """kill -9 of process 1 mid-run: process 0 exits with status 3 and one line naming process 1
-  within the --host_timeout bound; the same command on both processes resumes (item 3)."""
+  within the --host_timeout bound; the same command on both processes resumes (item 3).
+
+  Process 0 hosts JAX's coordination service: when it dies, JAX aborts the other at once with its
+  own message (SIGABRT and a C++ stack trace; distributed.py says why Python cannot take that
+  over). Checked (slow) for what it is: the survivor still stops within the bound.
+  """
   workdir = tmp_path / "run"
   args = _args(pretrained, workdir, "--config.num_epochs=100")
   procs = _start(2, args)
+  survivor = procs[1 - victim]
   try:
     lines = []
     for line in procs[0].stdout:  # process 0 logs; wait until it is past a checkpoint
@@ -112,18 +119,24 @@ def test_killed_process_stops_the_other_and_the_run_resumes(pretrained, tmp_path
       if line.split(" ", 1)[-1].startswith("step 5/"):
         break
     killed_at = time.monotonic()
-    procs[1].send_signal(signal.SIGKILL)
-    rest = procs[0].communicate(timeout=60)[0]
+    procs[victim].send_signal(signal.SIGKILL)
+    rest = survivor.communicate(timeout=60)[0]
     seconds = time.monotonic() - killed_at
   finally:
     for p in procs:
       if p.poll() is None:
         p.kill()
-  errors = [line for line in rest.splitlines() if line.strip()]
-  assert procs[0].returncode == 3, "".join(lines) + rest
-  assert len(errors) == 1 and errors[0].startswith("error: process 1 of 2 stopped responding"), rest
   # The bound: --host_timeout plus two watchdog intervals (0.6 s each here) and start-up slack.
   assert seconds < HOST_TIMEOUT + 1.2 + 3, (seconds, rest)
+  if victim == 0:
+    assert survivor.returncode == -signal.SIGABRT, rest
+    assert "Terminating process because the JAX distributed service" in rest, rest
+    print(f"kill -9 of process 0 -> process 1 exited {seconds:.1f} s later "
+          f"(status {survivor.returncode}, {len(rest.splitlines())} lines)")
+    return
+  errors = [line for line in rest.splitlines() if line.strip()]
+  assert survivor.returncode == 3, "".join(lines) + rest
+  assert len(errors) == 1 and errors[0].startswith("error: process 1 of 2 stopped responding"), rest
   print(f"kill -9 of process 1 -> process 0 exited {seconds:.1f} s later: {errors[0]}")
 
   saved = max(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
