@@ -179,7 +179,8 @@ class Watchdog:
       status, message = errors.USER_ERROR_EXIT_CODE, str(error).strip()
     else:
       status = 1
-      message = f"{type(error).__name__}: {' '.join(str(error).split())[:300]} (traceback in its log)"
+      text = " ".join(str(error).split())[:300]
+      message = f"{type(error).__name__}: {text} (traceback in its log)"
     try:
       self.client.key_value_set(f"{_PREFIX}error/{self.index}", f"{status} {message}",
                                 allow_overwrite=True)

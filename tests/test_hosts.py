@@ -100,7 +100,7 @@ def test_elastic_resume(pretrained, tmp_path):  # noqa: F811
 
 
 @pytest.mark.parametrize("victim", [1, pytest.param(0, marks=pytest.mark.slow)])
-def test_killed_process_stops_the_other_and_the_run_resumes(pretrained, tmp_path, victim):  # noqa: F811
+def test_kill_9_stops_the_others_and_the_run_resumes(pretrained, tmp_path, victim):  # noqa: F811
   """kill -9 of process 1 mid-run: process 0 exits with status 3 and one line naming process 1
   within the --host_timeout bound; the same command on both processes resumes (item 3).
 
