@@ -2,7 +2,8 @@
 
 A checkpoint step holds three items:
   state: the train state pytree (params, optimizer, EMA, BatchNorm statistics, queues, step, rng);
-  data:  the Grain iterator state, so a restart continues on the exact next batch;
+  data:  a Grain iterator state (optional; the trainer saves none: its input stream restarts at
+         the state's global step on any host count, data/loader.py);
   meta:  JSON (config name, stage, step, wall time) for people and tools.
 Saves are asynchronous; `close()` waits for the last one. Restoring takes abstract targets that
 carry the shardings wanted now, so a checkpoint restores onto a mesh of any device count
@@ -52,7 +53,8 @@ class PreemptionFlag:
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-  def __init__(self):
+  def __init__(self, what: str = "saving a checkpoint and stopping after this step"):
+    self.what = what  # what the process does next, for the message
     self._event = threading.Event()
     self._previous = {}
 
@@ -66,8 +68,7 @@ class PreemptionFlag:
     again = " Press Ctrl-C again to quit at once without saving." if signum == signal.SIGINT else ""
     # os.write, not print/logging: a handler that writes to a stream the main thread is writing
     # to can fail with "reentrant call".
-    os.write(2, f"{name} received: saving a checkpoint and stopping after this step.{again}\n"
-             .encode())
+    os.write(2, f"{name} received: {self.what}.{again}\n".encode())
     if signum == signal.SIGINT or self._event.is_set():
       signal.signal(signal.SIGINT, signal.SIG_DFL)  # the next Ctrl-C ends the process at once
     self._event.set()

@@ -14,7 +14,9 @@ one line and exit with status 2 (--verbose shows the traceback).
 Several processes (TPU pod slices, several GPU nodes): start the same command on every host.
 `jax.distributed` is initialised before anything touches a device: automatically on TPU pods and
 SLURM (or with --distributed=on), or explicitly with --coordinator_address, --num_processes and
---process_id. A run restarted with the same workdir resumes from its last checkpoint by itself.
+--process_id. A run restarted with the same workdir resumes from its last checkpoint by itself,
+on any host count (the global batches are a function of (seed, step)). A process that dies or
+fails stops the others within --host_timeout seconds with one line naming it (distributed.py).
 
 The file reads top to bottom: distributed -> config -> mesh -> input -> model and optimizer ->
 state (resume | stage-2 workdir | pre-trained weights) -> step -> evaluation -> loop -> export.
@@ -39,6 +41,7 @@ import numpy as np
 
 from mim_refiner_jax import checkpoint as checkpoint_lib
 from mim_refiner_jax import config as config_lib
+from mim_refiner_jax import distributed as distributed_lib
 from mim_refiner_jax import errors
 from mim_refiner_jax import metrics as metrics_lib
 from mim_refiner_jax import optim
@@ -64,6 +67,9 @@ _DISTRIBUTED = flags.DEFINE_enum(
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (hosts).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_HOST_TIMEOUT = flags.DEFINE_float(
+    "host_timeout", 60.0, "Several processes: a process silent this many seconds (died, killed, "
+    "host gone) stops all the others with one line naming it (mim_refiner_jax/distributed.py).")
 _STOP_AFTER = flags.DEFINE_integer(
     "stop_after_steps", None, "Stop (with a checkpoint) after this many steps of this run, as if "
     "preempted; the next run with the same workdir resumes. For tests and job-time limits.")
@@ -71,6 +77,9 @@ _VERBOSE = flags.DEFINE_bool("verbose", False, "Show the traceback of user error
                              "values, files, sources), which are otherwise one line.")
 
 STATE_DIR, EXPORT_DIR = "checkpoints", "export"
+# Checkpoint meta: the input stream is a function of (seed, global step) on any host count
+# (data/loader.py), so a checkpoint holds no data-iterator state (issue 19, item 4).
+INPUT_ORDER = "global_step"
 
 
 def log(message: str, *args):
@@ -80,17 +89,23 @@ def log(message: str, *args):
 
 
 # ------------------------------------------------------------------------------------ distributed
-def initialize_distributed():
-  """Starts JAX's multi-host runtime before any device is touched (never at import time)."""
+def initialize_distributed() -> distributed_lib.Watchdog | None:
+  """Starts JAX's multi-host runtime before any device is touched (never at import time), and
+  the watchdog that stops every process when one fails (None with one process)."""
   explicit = _NUM_PROCESSES.value is not None and _NUM_PROCESSES.value > 1
   cluster = (len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
              or int(os.environ.get("SLURM_NTASKS", "1")) > 1
              or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
   if _DISTRIBUTED.value == "off" or (_DISTRIBUTED.value == "auto" and not (explicit or cluster)):
-    return
-  jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                             num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+    return None
+  if _HOST_TIMEOUT.value <= 0:
+    raise errors.UserError(f"--host_timeout={_HOST_TIMEOUT.value} must be positive (seconds)")
+  jax.distributed.initialize(
+      coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+      process_id=_PROCESS_ID.value,
+      heartbeat_timeout_seconds=distributed_lib.jax_heartbeat_timeout(_HOST_TIMEOUT.value))
   log("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+  return distributed_lib.Watchdog(_HOST_TIMEOUT.value).start() if jax.process_count() > 1 else None
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -294,6 +309,7 @@ def load_pretrained(path: str, num_heads: int | None = None,
 # (check_architecture), since "" there means "whatever the weights are".
 HEAD_FIELDS = ("heads.proj_hidden", "heads.pred_hidden", "heads.out_dim", "queue.size")
 STATE_FIELDS = ("stage", "heads.names", "optim.frozen_blocks") + HEAD_FIELDS
+ORDER_FIELDS = ("seed", "batch_size")
 
 
 def _field(config_dict: dict, field: str):
@@ -321,6 +337,11 @@ def check_resume_config(config, workdir: str, info: dict):
   """A resumed run must build the state its checkpoint holds (else: say which field changed)."""
   fix = "resume with --config.{field}={old}, or start a new run in another workdir"
   check_same_fields(config, info["config"], STATE_FIELDS, f"the run in {workdir}", fix)
+  # The sample order is a function of (seed, batch_size, step) on any host count (issue 19):
+  # another value would continue with a silently different order.
+  check_same_fields(config, info["config"], ORDER_FIELDS, f"the run in {workdir}",
+                    "the sample order is a function of (seed, batch_size, step), so the run "
+                    "would continue with another order: " + fix)
   saved_ema = _field(info["config"], "ema_decay")
   if saved_ema is not None and (saved_ema > 0) != (config.ema_decay > 0):
     raise errors.UserError(
@@ -471,8 +492,6 @@ def _train(config, workdir: str, stop_after: int | None, guard: WorkdirGuard):
   crop_cfg = dict(global_size=config.data.global_size, local_size=config.data.local_size,
                   num_local=config.data.num_local, color_augs=config.data.color_augs,
                   **config.data.get("multicrop", {}))
-  train_iter = loader_lib.make_train_loader(source, crop_cfg, config.batch_size, config.seed,
-                                            worker_count=config.data.worker_count)
 
   # --------------------------------------------------------------- model, optimizer, state
   ckpt = checkpoint_lib.Checkpointer(paths.join(workdir, STATE_DIR),
@@ -505,9 +524,13 @@ def _train(config, workdir: str, stop_after: int | None, guard: WorkdirGuard):
     shardings = sharding_lib.infer_shardings(mesh, shapes, rules)
     target = checkpoint_lib.abstract_with_shardings(shapes, shardings)
     # A damaged newest checkpoint is reported and skipped for the newest one that restores.
-    resume_step, state, meta = ckpt.restore_newest(target, train_iter)
+    resume_step, state, meta = ckpt.restore_newest(target)
     log("resumed %s at step %d (saved %s)", workdir, resume_step,
         time.ctime(meta["time"]) if "time" in meta else "at an unknown time")
+    if meta.get("input_order") != INPUT_ORDER:
+      log("warning: checkpoint step %d was saved before the input order became a function of "
+          "(seed, step); the run continues from it with another sample order than an "
+          "uninterrupted run's", resume_step)
   elif s2_state is not None:
     state, shardings = state_lib.stage3_from_stage2(s2_state, tx, mesh, rules,
                                                     with_ema=with_ema)
@@ -518,6 +541,11 @@ def _train(config, workdir: str, stop_after: int | None, guard: WorkdirGuard):
     del pretrained
   run_info = {"config": config.to_dict(), "vit_kwargs": vit_kwargs,
               "steps_per_epoch": steps_per_ep, "total_steps": total_steps}
+
+  # The input stream starts at the state's global step: the same samples on any host count.
+  train_iter = loader_lib.make_train_loader(source, crop_cfg, config.batch_size, config.seed,
+                                            start_step=int(jax.device_get(state["step"])),
+                                            worker_count=config.data.worker_count)
 
   # ------------------------------------------------------------------------------- step
   batch_example = _host_batch(train_iter, peek=True)
@@ -530,7 +558,20 @@ def _train(config, workdir: str, stop_after: int | None, guard: WorkdirGuard):
                                         + x.shape[2:], x.dtype, sharding=s),
       batch_example, sharding_lib.batch_shardings(mesh, batch_example))
   t0 = time.time()
-  compiled = step_fn.lower(state, abstract_batch).compile()
+  # Ctrl-C / SIGTERM from here on set a flag instead of raising KeyboardInterrupt inside XLA's
+  # compile, after which the interpreter's teardown crashed (issue 19: exit -11).
+  preemption = checkpoint_lib.PreemptionFlag("stopping once the train step is compiled").install()
+  log("compiling the train step")
+  try:
+    compiled = step_fn.lower(state, abstract_batch).compile()
+  except BaseException:
+    preemption.uninstall()
+    raise
+  if preemption.is_set():
+    preemption.uninstall()
+    raise KeyboardInterrupt  # before the first step: nothing to save (exit 130, as found)
+  preemption.what = "saving a checkpoint and stopping after this step"
+  distributed_lib.wait_for_all("train_step_compiled")  # processes compile at different speeds
   flops = metrics_lib.compiled_flops(compiled)
   memory = compiled.memory_analysis()
   mib = lambda name: getattr(memory, name, 0) / 2**20
@@ -558,7 +599,6 @@ def _train(config, workdir: str, stop_after: int | None, guard: WorkdirGuard):
       total_steps, config.batch_size, start_step=start, skip_steps=1,
       num_devices=jax.device_count(), flops_per_device=flops,
       peak_flops_per_device=metrics_lib.device_peak_flops())
-  preemption = checkpoint_lib.PreemptionFlag().install()
   last = {}
   step = start
   log("stage %d: steps %d -> %d (%.1f steps/epoch), batch %d", config.stage, start,
@@ -596,8 +636,9 @@ def _train(config, workdir: str, stop_after: int | None, guard: WorkdirGuard):
         tracker.resume()
       if save_now:
         tracker.pause()
-        ckpt.save(step, state, train_iter, {"step": step, "time": time.time(),
-                                            "stage": config.stage}, force=True)
+        ckpt.save(step, state, None, {"step": step, "time": time.time(),
+                                      "stage": config.stage, "input_order": INPUT_ORDER},
+                  force=True)
         tracker.resume()
       if stop and step < total_steps:
         log("stopping at step %d: checkpoint saved; rerun the same command (same --workdir) to "
@@ -687,8 +728,15 @@ def main(argv):
   config = _CONFIG.value
   if not isinstance(config, ml_collections.ConfigDict):  # ml_collections defers this error
     config_lib.load_config_file(flags.FLAGS["config"].config_filename)  # UserError naming it
-  initialize_distributed()
-  train(config, _WORKDIR.value, _STOP_AFTER.value)
+  watchdog = initialize_distributed()
+  try:
+    train(config, _WORKDIR.value, _STOP_AFTER.value)
+  except BaseException as e:  # pylint: disable=broad-except
+    if watchdog is None or isinstance(e, SystemExit):
+      raise
+    watchdog.fail(e, verbose=_VERBOSE.value)  # all processes stop with this one's error
+  if watchdog is not None:
+    watchdog.stop()
   if jax.process_count() > 1:
     jax.distributed.shutdown()
 

@@ -250,6 +250,12 @@ def test_stage3_and_resume_check_state_fields(pretrained, tmp_path):
                      "queue.size=64; resume with --config.queue.size=64, or start a new run"):
     train_lib.train(config, run)
   assert sorted(os.listdir(run)) == ["checkpoints", "run.json"]
+  # ... or with a field that shapes the sample order (issue 19: never silently another order).
+  config.queue.size = 64
+  config.seed = 7
+  with pytest.raises(errors.UserError, match=r"config.seed=7 but the run in .* has seed=0; the "
+                     r"sample order is a function of \(seed, batch_size, step\)"):
+    train_lib.train(config, run)
 
 
 # ----------------------------------------------------------------------------- failed starts
@@ -265,3 +271,26 @@ def test_failed_start_leaves_workdir_as_found(pretrained, tmp_path):
       train_lib.train(config, str(workdir))
   assert not fresh.exists()
   assert os.listdir(existing) == ["notes.txt"]
+
+
+def test_ctrl_c_during_the_step_compile_exits_cleanly(pretrained, tmp_path):
+  """Issue 19: Ctrl-C while XLA compiles the step printed `error: interrupted`, then the
+  interpreter's teardown crashed (`Fatal Python error: Segmentation fault`, status -11)."""
+  env = {k: v for k, v in _env().items() if k != "JAX_COMPILATION_CACHE_DIR"}  # a real compile
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "mim_refiner_jax.train", f"--config={CONFIG}:stage=2,knn=false",
+       f"--workdir={tmp_path / 'run'}", f"--config.init.pretrained={pretrained}"],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+      start_new_session=True)
+  lines = []
+  for line in proc.stdout:
+    lines.append(line)
+    if "compiling the train step" in line:
+      os.killpg(proc.pid, signal.SIGINT)  # the compile takes seconds without the cache
+      break
+  out = "".join(lines) + proc.communicate(timeout=120)[0]
+  assert proc.returncode == 130, out
+  assert out.strip().splitlines()[-1] == "error: interrupted", out
+  assert "SIGINT received: stopping once the train step is compiled" in out, out
+  assert "Fatal Python error" not in out and "Traceback" not in out, out
+  assert not (tmp_path / "run").exists()  # nothing was started: nothing left behind

@@ -43,7 +43,26 @@ def test_train_batch_layout(source):
   for r in range(4):
     assert batch["label"][r] == source[int(batch["index"][r])]["label"]
   assert (batch["num_skipped"] == 0).all()
-  assert set(batch["index"] % 2) == {1}  # host 1 of 2 reads records 1, 3, 5, ...
+
+
+def test_global_batches_do_not_depend_on_the_process_count(source):
+  """Issue 19: the hosts' slices, in process order, are the 1-process batch (augmentations
+  included), for 1, 2 and 4 processes, and `start_step` starts at that global batch; so a run
+  resumes on another host count with the same samples."""
+  def global_batches(process_count, start_step=0, n=5):
+    hosts = [_take(loader.make_train_loader(source, VIEWS, global_batch_size=8, seed=2,
+                                            start_step=start_step, process_index=p,
+                                            process_count=process_count), n)
+             for p in range(process_count)]
+    axis = {"global": 1, "local": 1}
+    return [{k: np.concatenate([h[i][k] for h in hosts], axis=axis.get(k, 0))
+             for k in hosts[0][i]} for i in range(n)]
+
+  one = global_batches(1, n=7)  # 7 x 8 rows cross two epochs of 24 records
+  _assert_same_batches(global_batches(2), one[:5])
+  _assert_same_batches(global_batches(4), one[:5])
+  _assert_same_batches(global_batches(2, start_step=3, n=4), one[3:])
+  _assert_same_batches(global_batches(4, start_step=5, n=2), one[5:])
 
 
 def test_epochs_shards_and_determinism(source):
@@ -53,12 +72,12 @@ def test_epochs_shards_and_determinism(source):
     return list(it)
 
   host0, host1 = epochs(0), epochs(1)
-  assert len(host0) == len(host1) == 6  # 2 epochs x 12 records per host / 4 per batch
-  for host, parity in ((host0, 0), (host1, 1)):
-    idx = np.concatenate([b["index"] for b in host])
-    first, second = idx[:12], idx[12:]
-    assert sorted(first) == sorted(second) == list(range(parity, 24, 2))  # each epoch once
-    assert not np.array_equal(first, second)  # reshuffled per epoch
+  assert len(host0) == len(host1) == 6  # 2 epochs x 3 global batches of 8 / 2 hosts
+  # Global batch k is host 0's k-th batch then host 1's: 3 global batches per epoch of 24.
+  idx = np.concatenate([np.concatenate([a["index"], b["index"]]) for a, b in zip(host0, host1)])
+  first, second = idx[:24], idx[24:]
+  assert sorted(first) == sorted(second) == list(range(24))  # each epoch once over the hosts
+  assert not np.array_equal(first, second)  # reshuffled per epoch
   # Deterministic for a seed; another seed changes the order and the augmentations.
   _assert_same_batches(host0, epochs(0))
   other = epochs(0, seed=1)
@@ -68,7 +87,8 @@ def test_epochs_shards_and_determinism(source):
   def views_of_record0(batches):
     (view,) = [b["global"][:, r] for b in batches for r, i in enumerate(b["index"]) if i == 0]
     return view
-  assert not np.array_equal(views_of_record0(host0[:3]), views_of_record0(host0[3:]))
+  assert not np.array_equal(views_of_record0(host0[:3] + host1[:3]),
+                            views_of_record0(host0[3:] + host1[3:]))
 
 
 def test_unequal_shards_give_equal_step_counts():
@@ -159,5 +179,5 @@ def test_eval_loader_pads_with_mask(source, process_count):
 def test_bad_batch_sizes_are_rejected(source):
   with pytest.raises(ValueError, match="multiple of the process count 3"):
     loader.make_train_loader(source, VIEWS, 8, seed=0, process_index=0, process_count=3)
-  with pytest.raises(ValueError, match="fewer than the per-host batch"):
+  with pytest.raises(ValueError, match="fewer than the global batch"):
     loader.make_train_loader(source, VIEWS, 32, seed=0, process_index=0, process_count=1)

@@ -1,17 +1,20 @@
 """Grain input pipelines: per-host multi-crop training batches and padded evaluation batches.
 
-Training (`make_train_loader`), per host:
-  source -> this host's shard (every process_count-th record, all shards cut to the same length)
-  -> shuffle (reshuffled every epoch) -> repeat(num_epochs) -> MultiCrop (Grain's random_map: the
-  generator depends on seed, host and element position, so every epoch augments differently)
-  -> batch of global_batch_size // process_count (remainder dropped) -> threads -> workers.
+Training (`make_train_loader`): ONE global stream, of which each host reads its slice.
+  source -> shuffle (reshuffled every epoch) -> repeat(num_epochs) -> MultiCrop (Grain's
+  random_map: the generator depends on the seed and the element's position in the global stream,
+  so every epoch augments differently) -> global batch k = stream elements [k B, (k + 1) B)
+  -> host p of P takes rows [p b, (p + 1) b) of it (b = B / P) -> threads -> workers.
+So the sequence of global batches, augmentations included, is a function of (seed, step) alone,
+not of the process count: a run checkpointed on P hosts continues on any other host count with
+the same samples (issue 19; `start_step` starts the stream at a global step, which is all the
+input "state" a checkpoint needs). The global array puts process p's rows p-th
+(sharding.global_batch, devices in process order), so it equals the 1-process batch.
 Batches are formed before the worker processes (Grain hands whole batches to workers round-robin),
 so the stream is the same for any worker_count and every host yields the same number of batches.
 Batching follows repeat, so a batch may straddle two epochs (with num_epochs=None the stream is
-endless; a finite run gets floor(num_epochs * shard / b) batches). The returned iterator supports
-get_state()/set_state() and grain.checkpoint.CheckpointSave / CheckpointRestore; a restored
-iterator continues on exactly the next batch (restore with the same worker_count: the state
-format of worker processes differs from the in-process one).
+endless; a finite run gets floor(num_epochs * N / B) global batches). The returned iterator also
+supports get_state()/set_state() (same worker_count: the state of worker processes differs).
 
 Per-host training batch, b = global_batch_size // process_count, views VIEW-MAJOR (the encoder
 runs once per resolution group, and the pooled rows are [g1(B); g2(B); l1(B); ...],
@@ -94,30 +97,35 @@ def collate_views(samples):
 
 
 def make_train_loader(source, transform_cfg: Any, global_batch_size: int, seed: int, *,
-                      num_epochs: int | None = None, worker_count: int = 0,
+                      start_step: int = 0, num_epochs: int | None = None, worker_count: int = 0,
                       process_index: int | None = None, process_count: int | None = None,
                       read_threads: int = 1, read_buffer_size: int = 2,
                       worker_buffer_size: int = 1) -> grain.DatasetIterator:
   """Infinite (num_epochs=None) or finite iterator of per-host training batches (module doc).
 
   source: random-access (e.g. sources.make_source(cfg)); transform_cfg: MultiCropConfig fields;
+  start_step: the global step of the first batch (a resumed run's step, on any host count);
   worker_count: Grain worker processes (0 = in this process); read_threads / read_buffer_size:
   threads (and batches in flight) per worker; process_index/count default to JAX's (read at call
   time). Memory per worker is about (read_buffer_size + worker_buffer_size) batches.
   """
   process_index, process_count = _process_info(process_index, process_count)
   batch_size = _per_host_batch(global_batch_size, process_count)
-  shard_len = len(source) // process_count  # equal shards: every host runs the same steps
-  if shard_len < batch_size:
-    raise ValueError(f"{len(source)} examples give {shard_len} per host, fewer than the per-host "
-                     f"batch {batch_size}")
+  if len(source) < global_batch_size:
+    raise ValueError(f"{len(source)} examples are fewer than the global batch "
+                     f"{global_batch_size}")
+  if start_step < 0:
+    raise ValueError(f"start_step must be >= 0, got {start_step}")
   ds = grain.MapDataset.source(source)
-  ds = ds[process_index::process_count][:shard_len]
-  ds = ds.shuffle(seed=_derived_seed(seed, 0, 0))  # same permutation seed, disjoint shards
+  ds = ds.shuffle(seed=_derived_seed(seed, 0, 0))
   ds = ds.repeat(num_epochs)
-  ds = ds.random_map(multicrop.MultiCrop(transform_cfg),
-                     seed=_derived_seed(seed, process_index, 1))
+  # The augmentation seed is the same on every host: a record's views depend on its position in
+  # the global stream only.
+  ds = ds.random_map(multicrop.MultiCrop(transform_cfg), seed=_derived_seed(seed, 0, 1))
+  # Row blocks of b: global batch k is blocks k P .. k P + P - 1; host p takes block k P + p.
   ds = ds.batch(batch_size, drop_remainder=True, batch_fn=collate_views)
+  ds = ds[:len(ds) // process_count * process_count]  # whole global batches only
+  ds = ds[process_index::process_count][start_step:]
   return iter(_finish(ds, worker_count, read_threads, read_buffer_size, worker_buffer_size))
 
 
