@@ -92,7 +92,9 @@ class TorchBatchNorm(nn.Module):
 
     x = x.astype(jnp.float32)
     if self.norm == "none":
-      return (x * scale + bias).astype(self.dtype)
+      with jax.named_scope("head_norm_apply"):
+        y = x * scale + bias
+      return y.astype(self.dtype)
     if self.norm == "async_stats":
       return self._async(x, scale, bias, ra_mean, ra_var, train)
     if self.norm == "local_batch" and train:
