@@ -44,7 +44,9 @@ def analyse(config, devices, mode: str) -> dict:
       waited_other=len(waited) - count(waited, "all-reduce"),
       collectives=len(every), all_reduce=count(every, "all-reduce"),
       bytes=sum(c.bytes for c in every), norm_collectives=sum(1 for c in every if is_norm(c)),
-      norm_bytes=sum(c.bytes for c in every if is_norm(c)))
+      norm_bytes=sum(c.bytes for c in every if is_norm(c)),
+      waited=sorted(f"{c.kind} {c.bytes}B {c.op_name.removeprefix('jit(step)/')[:100]}"
+                    for c in waited))
 
 
 def table(rows: list[dict]) -> str:
@@ -83,7 +85,7 @@ def main(argv=None):
   rows = []
   for mode in modes:
     rows.append(analyse(config, devices, mode))
-    print(json.dumps(rows[-1]), flush=True)
+    print(json.dumps({k: v for k, v in rows[-1].items() if k != "waited"}), flush=True)
   print(table(rows))
   if args.json:
     with open(args.json, "w") as f:
