@@ -274,3 +274,15 @@ def test_async_stats_state_trains_and_carries_into_stage_3():
   s3_tx, _ = tiny_refiner.make_tx(model, 3)
   s3, _ = state_lib.stage3_from_stage2(state, s3_tx, s["mesh"], s["rules"])
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(s3["batch_stats"]), stats)
+
+
+def test_unknown_norm_is_a_user_error_and_stage_3_keeps_stage_2s():
+  from mim_refiner_jax import demo_config, errors, memory, train  # pylint: disable=g-import-not-at-top
+  config = demo_config.get_config("stage=3")
+  config.heads.norm = "batch"
+  with pytest.raises(errors.UserError, match="config.heads.norm='batch': choose one of sync_batch"):
+    train.build_model(config, memory.vit_kwargs_for(config))
+  config.heads.norm = "async_stats"
+  saved = demo_config.get_config("stage=2").to_dict()  # sync_batch
+  with pytest.raises(errors.UserError, match="heads.norm='async_stats' but .* heads.norm='sync_batch'"):
+    train.check_same_fields(config, saved, train.HEAD_FIELDS, "the stage-2 state", "fix")
