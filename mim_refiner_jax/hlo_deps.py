@@ -1,4 +1,4 @@
-"""Data dependencies of collectives in a compiled HLO module: which ones a marked set of ops waits for.
+"""Data dependencies of collectives in a compiled HLO module: which ones marked ops wait for.
 
 `jax.jit(f).lower(...).compile().as_text()` is the SPMD-partitioned program of one device. Each
 instruction names its operands, the computations it calls (fusion bodies, while/cond bodies, async
@@ -10,8 +10,9 @@ wrappers) and carries `metadata={op_name="..."}` with the JAX name stack, so ops
     their op_name;
   * `waited_for(module, marker, within)`: the collectives that some forward instruction tagged
     with `marker` (its own op_name or one inside the fusion it calls), made of ops of the scope
-    `within` only, depends on, transitively, through operands: what a device must receive before it can compute the marked values. An op the
-    marked values do not depend on can overlap with them (the scheduler may still place it first).
+    `within` only, depends on, transitively, through operands: what a device must receive
+    before it can compute the marked values. An op the marked values do not depend on can
+    overlap with them (the scheduler may still place it first).
 
 Used by tools/head_norm_collectives.py (models/heads.py marks the BatchNorm normalisation
 "head_norm_apply" and its batch statistics "head_norm_stats").

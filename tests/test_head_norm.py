@@ -134,7 +134,8 @@ def test_async_stats_passes_no_gradient_through_the_statistics():
   variables = bn.init(jax.random.key(0), x, train=False)
   variables = {"params": {"scale": jnp.full((4,), 2.0), "bias": jnp.zeros(4)},
                "batch_stats": dict(variables["batch_stats"], var=jnp.full((4,), 3.0))}
-  grad = jax.grad(lambda x: bn.apply(variables, x, train=True, mutable=["batch_stats"])[0].sum())(x)
+  forward = lambda x: bn.apply(variables, x, train=True, mutable=["batch_stats"])[0].sum()
+  grad = jax.grad(forward)(x)
   np.testing.assert_allclose(grad, np.full(x.shape, 2 / np.sqrt(3 + heads.BN_EPS)), rtol=1e-6)
 
 
@@ -159,7 +160,8 @@ def test_local_batch_on_one_device_equals_sync_batch():
   head_local, local = head_step(mesh, "local_batch", 1)
   _, sync = head_step(mesh, "sync_batch", 1)
   variables = head_local.init(jax.random.key(2), jnp.zeros((V, 2, D)), train=False)
-  got, want = jax.device_get(local(variables, inputs(1))), jax.device_get(sync(variables, inputs(1)))
+  got = jax.device_get(local(variables, inputs(1)))
+  want = jax.device_get(sync(variables, inputs(1)))
   # the same sums in another reduction shape: equal up to float32 rounding (1e-6)
   jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6), got, want)
 
@@ -277,12 +279,14 @@ def test_async_stats_state_trains_and_carries_into_stage_3():
 
 
 def test_unknown_norm_is_a_user_error_and_stage_3_keeps_stage_2s():
-  from mim_refiner_jax import demo_config, errors, memory, train  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from mim_refiner_jax import demo_config, errors, memory, train
   config = demo_config.get_config("stage=3")
   config.heads.norm = "batch"
-  with pytest.raises(errors.UserError, match="config.heads.norm='batch': choose one of sync_batch"):
+  with pytest.raises(errors.UserError, match="heads.norm='batch': choose one of sync_batch"):
     train.build_model(config, memory.vit_kwargs_for(config))
   config.heads.norm = "async_stats"
   saved = demo_config.get_config("stage=2").to_dict()  # sync_batch
-  with pytest.raises(errors.UserError, match="heads.norm='async_stats' but .* heads.norm='sync_batch'"):
+  with pytest.raises(errors.UserError,
+                     match="heads.norm='async_stats' but .* heads.norm='sync_batch'"):
     train.check_same_fields(config, saved, train.HEAD_FIELDS, "the stage-2 state", "fix")

@@ -40,8 +40,9 @@ scale/bias, so params and optimizer state are the same in every mode):
                  mean_t = mean_{t-1} + (m / w_t) (mu_t - mean_{t-1})
                  var_t  = var_{t-1}  + (m / w_t) (s2_t - var_{t-1})
                i.e. mean_t = sum_k m (1 - m)^(t-k) mu_k / w_t (Adam's bias correction). Step 0
-               normalises with the initial mean 0, var 1 (`none` up to 1/sqrt(1 + eps)); step 1 with exactly step 0's
-               global statistics. Eval uses mean, var: what the next train step would use.
+               normalises with the initial mean 0, var 1 (`none` up to 1/sqrt(1 + eps)), step 1
+               with exactly step 0's global statistics. Eval uses mean, var: what the next train
+               step would use.
                `weight` (w_t) is an extra batch_stats entry of this mode.
   none         no statistics: y = x * scale + bias, in train and eval (the paper's ablation
                "without normalisation"); mean/var stay at their initial values, unused.

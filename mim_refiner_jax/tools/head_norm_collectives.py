@@ -69,7 +69,8 @@ def table(rows: list[dict]) -> str:
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--config", required=True, help="path.py[:arg], e.g. configs/mae_l16.py:stage=2")
+  parser.add_argument("--config", required=True,
+                      help="path.py[:arg], e.g. configs/mae_l16.py:stage=2")
   parser.add_argument("--devices", type=int, default=8)
   parser.add_argument("--device", default="tpu-v5p", help="the planner's device kind (TPU target)")
   parser.add_argument("--backend", default="auto", choices=("auto", "tpu", "cpu"))
