@@ -36,7 +36,8 @@ def get_config(arg=None):
   depth = 4
   # The main output and blocks 2 and 1 (the paper uses the last third of the blocks).
   c.heads = dict(names=",".join(config_lib.head_names("02", ["", 2, 1])),
-                 proj_hidden=256, pred_hidden=512, out_dim=64)
+                 proj_hidden=256, pred_hidden=512, out_dim=64,
+                 norm="sync_batch")  # BN statistics (models/heads.py; README "Head normalisation")
   c.queue = dict(size=1024, topk=1 if args.stage == 2 else 5, similarity_dtype="float32")
   c.loss = dict(local_view_indexing="corrected")
   c.batch_size = 128

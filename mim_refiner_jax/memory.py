@@ -163,7 +163,7 @@ def build(config, devices) -> dict:
   key = jax.random.key(config.seed)
   mesh = sharding_lib.make_mesh(config.sharding.data, config.sharding.fsdp, devices)
   rules = sharding_lib.state_rules(config.sharding.rules)
-  model = train_lib.build_model(config, vit_kwargs_for(config))
+  model = train_lib.build_model(config, vit_kwargs_for(config), num_devices=len(devices))
   steps_per_ep = config_lib.steps_per_epoch(config.data.num_train_examples or 1_281_167,
                                             config.batch_size)
   tx, lr_fn, _ = train_lib.build_optimizer(config, train_lib.param_shapes(config, model, key),

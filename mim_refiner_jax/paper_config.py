@@ -34,7 +34,9 @@ def refinement_config(*, stage: int, vit_size: str, patch_size: int, prenorm: bo
                 stage2_workdir=stage2_workdir if stage == 3 else "")
 
   # ID heads (sections 2, 4): reference names nnclr_temp{T}_cls{block}; "cls" = main output.
-  c.heads = dict(names=",".join(heads), proj_hidden=2048, pred_hidden=4096, out_dim=256)
+  # norm: the heads' BN statistics; sync_batch is the reference's SyncBN (models/heads.py).
+  c.heads = dict(names=",".join(heads), proj_hidden=2048, pred_hidden=4096, out_dim=256,
+                 norm="sync_batch")
   c.queue = dict(size=65536, topk=1 if stage == 2 else 20, similarity_dtype="bfloat16")
   c.loss = dict(local_view_indexing="reference")  # the official quirk (section 6)
 

@@ -53,7 +53,7 @@ from mim_refiner_jax.convert import checkpoints as convert_lib
 from mim_refiner_jax.data import loader as loader_lib
 from mim_refiner_jax.data import sources as sources_lib
 from mim_refiner_jax.evaluation import monitor as monitor_lib
-from mim_refiner_jax.models.heads import IDHead
+from mim_refiner_jax.models.heads import IDHead, NORMS
 from mim_refiner_jax.models.refiner import Refiner
 from mim_refiner_jax.models.vit import ViT
 
@@ -175,13 +175,19 @@ def head_specs(config) -> list[config_lib.HeadSpec]:
 
 
 # ------------------------------------------------------------------------------- model, optimizer
-def build_model(config, vit_kwargs: dict) -> Refiner:
+def build_model(config, vit_kwargs: dict, num_devices: int | None = None) -> Refiner:
+  """`num_devices`: those the batch is sharded over (default all; heads.norm=local_batch)."""
   dtype = jnp.dtype(config.model.compute_dtype)
   # Stage 3 cuts the backward pass at the frozen blocks (pre-norm ViTs; models/vit.py says why).
   frozen = config.optim.frozen_blocks if config.stage == 3 and vit_kwargs["prenorm"] else 0
   encoder = ViT(**vit_kwargs, dtype=dtype, remat=config.model.remat, frozen_blocks=frozen)
+  norm = config.heads.get("norm", "sync_batch")  # old configs: the reference's SyncBN
+  if norm not in NORMS:
+    raise errors.UserError(f"config.heads.norm={norm!r}: choose one of {', '.join(NORMS)} "
+                           "(models/heads.py)")
   head = IDHead(proj_hidden_dim=config.heads.proj_hidden, pred_hidden_dim=config.heads.pred_hidden,
-                output_dim=config.heads.out_dim, dtype=head_dtype(config))
+                output_dim=config.heads.out_dim, dtype=head_dtype(config), norm=norm,
+                norm_groups=num_devices or jax.device_count())
   return Refiner(encoder, head_specs(config), head)
 
 
@@ -307,7 +313,8 @@ def load_pretrained(path: str, num_heads: int | None = None,
 # section 7: encoder, heads, BatchNorm statistics and queues are carried as they are). The
 # encoder's own fields (model.*) are checked against the recorded architecture instead
 # (check_architecture), since "" there means "whatever the weights are".
-HEAD_FIELDS = ("heads.proj_hidden", "heads.pred_hidden", "heads.out_dim", "queue.size")
+HEAD_FIELDS = ("heads.proj_hidden", "heads.pred_hidden", "heads.out_dim", "heads.norm",
+               "queue.size")
 STATE_FIELDS = ("stage", "heads.names", "optim.frozen_blocks") + HEAD_FIELDS
 ORDER_FIELDS = ("seed", "batch_size")
 

@@ -52,7 +52,8 @@ class KnnMonitor:
         for h in self.heads)
     encoder_fn = features_lib.encoder_apply_fn(self.model.encoder, tuple(encoder_keys))
     head_def = self.model.head
-    projector0 = LinearBN(head_def.proj_hidden_dim, gelu=True, dtype=head_def.dtype)
+    projector0 = LinearBN(head_def.proj_hidden_dim, gelu=True, dtype=head_def.dtype,
+                          norm=head_def.norm)  # eval mode: each norm's statistics
 
     def apply(variables, images):
       out, aux = encoder_fn(variables["encoder"], images)

@@ -37,6 +37,9 @@ import numpy as np
 from mim_refiner_jax import demo_config
 from mim_refiner_jax import errors
 from mim_refiner_jax.demo_config import SHIPPED_MAE
+
+# models/heads.py NORMS, spelled out: the demo imports jax only after its first output.
+HEAD_NORMS = ("sync_batch", "local_batch", "async_stats", "none")
 RESULTS_VERSION = 3  # bump when the evaluation changes: cached evaluations are then redone
 # Seconds per phase of the default demo on 2 idle cores (a fresh run); the stages' are scaled by
 # the epochs asked for, and the ETA scales all of them by the pace this run measures.
@@ -266,6 +269,7 @@ def stage_config(stage: int, seed: int, args, mae: str, stage2_dir: str):
     config.batch_size = args.batch_size
   config.init.pretrained = mae if stage == 2 else ""
   config.init.stage2_workdir = stage2_dir if stage == 3 else ""
+  config.heads.norm = args.head_norm
   config.evals.knn.features = ""  # the demo evaluates every block and pooling itself
   config.log_every_steps = 5
   return config
@@ -428,6 +432,9 @@ def parse_args(argv=None):
   parser.add_argument("--stage3-epochs", type=float, default=0,
                       help="0: mim_refiner_jax/demo_config.py's default")
   parser.add_argument("--batch-size", type=int, default=0, help="0: mim_refiner_jax/demo_config.py's default")
+  parser.add_argument("--head-norm", default="sync_batch", choices=HEAD_NORMS,
+                      help="the ID heads' BatchNorm statistics (models/heads.py); sync_batch is "
+                           "the reference's")
   parser.add_argument("--fresh", action="store_true",
                       help="retrain the stages of these seeds and redo every evaluation")
   args = parser.parse_args(argv)
