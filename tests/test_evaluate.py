@@ -27,7 +27,8 @@ from mim_refiner_jax.tools import evaluate as evaluate_tool
 
 KWARGS = vit_kwargs("mu", 4, image_size=16)
 KEYS = ("cls", "patch_mean", "cls_patch_mean", "block0_cls", "block1_patch_mean",
-        "block1_cls_patch_mean", "last2_cls", "last2_cls_patch_mean", "block1_patch_tokens")
+        "block1_cls_patch_mean", "last2_cls", "last2_cls_patch_mean", "last2_cls_patch_mean_dinov2",
+        "block1_patch_tokens")
 SOURCE = dict(name="synthetic", num_examples=37, num_classes=4, image_size=20, seed=3)
 TRANSFORM = dict(resize_size=18, crop_size=16)
 BATCH = 16
@@ -77,8 +78,11 @@ def test_extraction_every_example_once_and_poolings(encoder, eight_devices):
       "block0_cls": aux["block_cls"][0], "block1_patch_mean": mean1,
       "block1_cls_patch_mean": np.concatenate([cls1, mean1], 1),
       "last2_cls": np.concatenate([aux["block_cls"][0], cls1], 1),
-      # DINOv2's last-n input: n CLS tokens, then the last block's mean patch token.
-      "last2_cls_patch_mean": np.concatenate([aux["block_cls"][0], cls1, mean1], 1)}
+      # the reference's last-n input: n CLS tokens, then the n mean patch tokens
+      "last2_cls_patch_mean": np.concatenate([aux["block_cls"][0], cls1,
+                                              aux["block_patch_mean"][0], mean1], 1),
+      # DINOv2's: n CLS tokens, then the last block's mean patch token
+      "last2_cls_patch_mean_dinov2": np.concatenate([aux["block_cls"][0], cls1, mean1], 1)}
   for key, value in expected.items():
     np.testing.assert_allclose(out[key], value, atol=2e-5, rtol=1e-5, err_msg=key)
   tokens = out["block1_patch_tokens"]
