@@ -278,6 +278,10 @@ def evaluate_checkpoint(path: str, opts: Options, mesh=None, log=print) -> dict:
             progress=opts.progress, **_probe_kwargs(opts))
     elif p == "probe":
       res = _run_probe(opts, encoder, train, test, depth, transform, image_size, extract, mesh)
+      seconds = res.get("grid", res).get("epoch_seconds")
+      if seconds:
+        log(f"  probe: {np.mean(seconds):.2f} s per epoch over {len(seconds)} epochs "
+            f"({res.get('grid', res).get('augmentation', '')})")
     elif p == "lowshot":
       from mim_refiner_jax.evaluation import lowshot  # pylint: disable=g-import-not-at-top
       key = opts.lowshot_features or last_cls
