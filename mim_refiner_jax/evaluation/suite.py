@@ -386,17 +386,26 @@ def scalars(results: dict) -> dict:
 
 
 def _unit(metric: str) -> str:
+  if metric.endswith("silhouette"):
+    return "x100"  # as the paper's tables
   return "" if metric.endswith(("davies_bouldin", "inertia")) else "%"
 
 
 def table(all_results: dict) -> str:
-  """A plain text table: one row per (checkpoint, metric); the units in a column of their own."""
+  """A plain text table: one row per (checkpoint, metric), the unit in a column of its own; a
+  mean over splits shows "mean +- std" and the number of splits."""
   rows = []
   for name, results in all_results.items():
-    notes = _notes(results)
-    for metric, value in scalars(results).items():
+    values, notes = scalars(results), _notes(results)
+    for metric, value in values.items():
+      if metric.endswith("/std") and metric[:-4] + "/mean" in values:
+        continue  # shown with its mean
       shown = f"{value:.2f}" if _unit(metric) else f"{value:.3f}"
-      rows.append((name, metric + notes.get(metric.split("/")[0], ""), shown, _unit(metric)))
+      std = values.get(metric[:-5] + "/std") if metric.endswith("/mean") else None
+      if std is not None:
+        shown += f" +- {std:.2f}"
+      note = next((n for prefix, n in notes.items() if metric.startswith(prefix)), "")
+      rows.append((name, metric + note, shown, _unit(metric)))
   if not rows:
     return "(no results)"
   head = ("checkpoint", "metric", "value", "unit")
@@ -407,12 +416,17 @@ def table(all_results: dict) -> str:
 
 
 def _notes(results: dict) -> dict:
-  """Per-protocol notes appended to the first column: the number of splits / rows behind it."""
+  """Metric prefix -> note appended to its name: the splits / runs / rows behind it."""
   protocols, notes = results["protocols"], {}
   if "lowshot" in protocols:
-    notes["lowshot"] = f" [{protocols['lowshot'].get('num_splits', '?')} splits]"
+    notes["lowshot/"] = f" [{protocols['lowshot'].get('num_splits', '?')} splits]"
   if "cluster" in protocols:
-    notes["cluster"] = f" [{protocols['cluster']['restarts']} runs]"
+    res = protocols["cluster"]
+    notes["cluster/lowest_inertia/"] = f" [of {res['restarts']} runs]"
+    notes["cluster/mean/"] = f" [{res['restarts']} runs]"
+    sep = res.get("class_separation", {})
+    if "rows" in sep:
+      notes["cluster/class_separation/"] = f" [true classes, {sep['rows']} rows]"
   return notes
 
 
