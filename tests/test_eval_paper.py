@@ -173,3 +173,15 @@ def test_label_sets_must_match():
   with pytest.raises(ValueError, match="lacks"):
     suite.check_label_sets([0, 1, 2], np.arange(10), allow=False)
   assert suite.check_label_sets([0, 1, 2], [0, 5], allow=True) == [5]
+
+
+def test_progress_is_plain_lines_off_a_terminal(capsys):
+  """Output to a file or pipe gets whole lines (about ten per loop), never a bar's carriage
+  returns spliced into log lines; the low-shot, k-means and probe loops all report this way."""
+  from mim_refiner_jax.evaluation import progress
+  assert list(progress.iterate(range(20), "low-shot")) == list(range(20))
+  err = capsys.readouterr().err
+  assert "\r" not in err and len(err.splitlines()) == 10
+  assert err.splitlines()[-1].startswith("low-shot: 20/20 (")
+  list(progress.trange(5, "k-means", enabled=False))
+  assert capsys.readouterr().err == ""

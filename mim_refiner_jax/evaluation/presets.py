@@ -61,8 +61,12 @@ def values(name: str) -> dict:
 
 def markdown_table() -> str:
   """The README's table: setting, default, paper, source."""
-  show = lambda v: ",".join(f"{x:g}" if isinstance(x, float) else str(x) for x in v) \
-      if isinstance(v, tuple) else (str(v) if v != "" else "-")
+  def show(v):
+    if isinstance(v, tuple) and len(v) > 5:
+      return f"{len(v)} values, {v[0]:g} ... {v[-1]:g}"
+    if isinstance(v, tuple):
+      return ",".join(f"{x:g}" if isinstance(x, float) else str(x) for x in v)
+    return str(v) if v != "" else "-"
   rows = ["| setting | default | paper | source of the paper value |", "|---|---|---|---|"]
   rows += [f"| {key} | {show(d)} | {show(p)} | {src} |" for key, (d, p, src) in TABLE.items()]
   return "\n".join(rows)
