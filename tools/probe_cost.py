@@ -1,4 +1,4 @@
-r"""Cost of the fresh-augmentation probe (--probe-augmentation fresh) per epoch, from compiled FLOPs.
+r"""Cost per epoch of the fresh-augmentation probe (--probe-augmentation fresh), from FLOPs.
 
 The fresh probe re-extracts the whole train set every epoch (probe_stream.py); its cost per epoch
 is one encoder forward per image plus the probe grid's step. This tool compiles, for ABSTRACT
@@ -54,7 +54,8 @@ def probe_epoch_flops(model: str, patch: int, image_size: int, images: int, batc
   grid = probe.LinearGrid(len(keys), len(probe.DINOV2_LRS), width, num_classes)
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
   peaks = tuple(float(x) for x in np.full(grid.head_shape, 0.1).reshape(-1))
-  train_step, _ = probe._step_fns(grid, mesh, peaks, 10, 100, "sgd")  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  train_step, _ = probe._step_fns(grid, mesh, peaks, 10, 100, "sgd")
   params, stats = jax.eval_shape(lambda: jax.tree.map(jnp.asarray, grid.init(
       np.random.default_rng(0))))
   state = (params, stats, params)

@@ -83,9 +83,11 @@ def fresh_augmentation_probe(encoder, source_cfg: dict, transform: dict, feature
   names = list(feature_sets)
   keys = tuple(feature_sets[n] for n in names)
   depth = encoder.vit_kwargs["depth"]
-  train_y = probe._labels(train_labels, len(train_labels), "train_labels")  # pylint: disable=protected-access
-  test_x = {n: knn._to_numpy(test_feats[n], f"test[{n!r}]") for n in names}  # pylint: disable=protected-access
-  test_y = probe._labels(test_labels, len(test_x[names[0]]), "test_labels")  # pylint: disable=protected-access
+  # pylint: disable=protected-access
+  train_y = probe._labels(train_labels, len(train_labels), "train_labels")
+  test_x = {n: knn._to_numpy(test_feats[n], f"test[{n!r}]") for n in names}
+  test_y = probe._labels(test_labels, len(test_x[names[0]]), "test_labels")
+  # pylint: enable=protected-access
   dim = max(x.shape[1] for x in test_x.values())
   lrs = tuple(probe.DINOV2_LRS if lrs is None else lrs)
   num_classes = max(int(max(train_y.max(), test_y.max())) + 1, 2)

@@ -257,7 +257,8 @@ def evaluate_checkpoint(path: str, opts: Options, mesh=None, log=print) -> dict:
     if label_mismatch:
       log(f"  WARNING: test classes {label_mismatch} are not in the train set (allowed)")
   results = dict(checkpoint=encoder.identity, description=encoder.description,
-                 transform=transform, eval_view=dataset_lib.describe_view(transform), eval_view_from=view_from,
+                 transform=transform, eval_view=dataset_lib.describe_view(transform),
+                 eval_view_from=view_from,
                  train=opts.train, test=opts.test, preset=opts.preset,
                  settings=opts.settings(), label_mismatch=label_mismatch,
                  num_train=None if train is None else int(len(train["label"])),

@@ -103,7 +103,8 @@ def parse_args(argv=None):
                       "copies; fresh: a new RandomResizedCrop + flip view every epoch, extracted "
                       "on the fly on all devices " + _preset_help("probe_augmentation"))
   g.add_argument("--probe-dtype", default=None, choices=["float32", "bfloat16"],
-                 help="encoder dtype of the fresh-augmentation probe " + _preset_help("probe_dtype"))
+                 help="encoder dtype of the fresh-augmentation probe " +
+                      _preset_help("probe_dtype"))
   g.add_argument("--lowshot-shots", default=None, help=_preset_help("lowshot_shots"))
   g.add_argument("--lowshot-percents", default=None, help=_preset_help("lowshot_percents"))
   g.add_argument("--lowshot-seeds", default=None, help="split seeds when no split files; their "
