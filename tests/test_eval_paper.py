@@ -33,7 +33,7 @@ TRANSFORM = dict(resize_size=18, crop_size=16)
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("ckpt") / "mu_flax")
-  variables = ViT(**KWARGS).init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+  variables = jax.jit(ViT(**KWARGS).init)(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
   convert_lib.save_flax(path, jax.tree.map(np.asarray, variables), KWARGS)
   return encoders_lib.load_encoder(path)
 
@@ -66,7 +66,7 @@ def test_last_n_pooling_and_probe_head_match_the_reference_in_torch(encoder):
                              atol=1e-5)
 
   # The probe head on these features: BatchNorm1d(affine=False) in train mode -> Linear.
-  x = np.asarray(ours["last2_cls_patch_mean"])
+  x = np.array(ours["last2_cls_patch_mean"])
   model = probe.LinearGrid(1, 1, x.shape[1], 4)
   params, stats = model.init(np.random.default_rng(0))
   logits, new_stats = model.apply(jax.tree.map(jnp.asarray, params),
