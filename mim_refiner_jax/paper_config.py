@@ -66,7 +66,7 @@ def refinement_config(*, stage: int, vit_size: str, patch_size: int, prenorm: bo
       # At the end of a run, the evaluation suite on its EMA encoder (tools/evaluate.py's
       # protocols, e.g. "knn,per_block,probe,lowshot,cluster"; "" = none): trained on data.train,
       # tested on the k-NN test set; results in WORKDIR/evaluation.
-      final=dict(protocols=""))
+      final=dict(protocols="", preset="default", allow_label_mismatch=False))
 
   # Mesh (data, fsdp): -1 takes all remaining devices. "fsdp" rules shard parameters, Adam moments
   # and EMA over the "fsdp" axis, which then holds every device (fsdp=-1); the batch is split over

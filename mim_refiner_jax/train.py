@@ -142,6 +142,10 @@ def validate_config(config: ml_collections.ConfigDict):
   if unknown:
     raise errors.UserError(f"config.evals.final.protocols: unknown {unknown}; choose from "
                            f"{', '.join(suite.PROTOCOLS)}")
+  preset = (config.evals.get("final") or {}).get("preset", "default")
+  if preset not in suite.presets.PRESET_NAMES:
+    raise errors.UserError(f"config.evals.final.preset: unknown {preset!r}; choose from "
+                           f"{', '.join(suite.presets.PRESET_NAMES)}")
 
 
 def resolve_eval_sources(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -591,6 +595,8 @@ def _train(config, workdir: str, stop_after: int | None, guard: WorkdirGuard):
   knn_cfg = config.evals.knn
   # Section 10.1: the live encoder and heads while training, also the EMA encoder at the end.
   knn = monitor_lib.KnnMonitor(knn_cfg, model, mesh) if knn_cfg.features else None
+  if knn:
+    log("k-NN monitor eval view: %s", knn.view)
   knn_every = int(round(knn_cfg.every_epochs * steps_per_ep)) if knn_cfg.every_epochs else 0
   if knn:
     log("k-NN sets: bank %s (%d images), test %s (%d images)", knn_cfg.train, knn.sizes["train"],
@@ -676,18 +682,22 @@ def final_protocols(config) -> tuple[str, ...]:
 def run_final_protocols(config, workdir: str):
   """config.evals.final.protocols: the evaluation suite (tools/evaluate.py) on the finished run's
   EMA (else trained) encoder, read back from its last checkpoint; trained on data.train, tested
-  on the k-NN test set, at the k-NN monitor's view; WORKDIR/evaluation/results.json and
-  TensorBoard scalars "eval/..." at the last step."""
+  on the k-NN test set, at the k-NN monitor's view, under config.evals.final.preset (the
+  monitor's k and tau for "default"); a test set with classes data.train lacks is refused unless
+  config.evals.final.allow_label_mismatch; WORKDIR/evaluation/results.json and TensorBoard scalars
+  "eval/..." at the last step."""
   from mim_refiner_jax.evaluation import suite  # pylint: disable=g-import-not-at-top
-  knn_cfg = config.evals.knn
-  opts = suite.Options(train=config.data.train, test=knn_cfg.test,
-                       protocols=final_protocols(config), k=(knn_cfg.k,), tau=knn_cfg.tau,
-                       per_block_k=knn_cfg.k, image_size=knn_cfg.crop_size,
-                       resize=knn_cfg.resize_size, batch_size=knn_cfg.batch_size,
-                       progress=False)
-  log("final evaluation (%s) of %s", ",".join(opts.protocols), workdir)
+  knn_cfg, final = config.evals.knn, config.evals.final
+  preset = final.get("preset", "default")
+  monitor = dict(k=(knn_cfg.k,), tau=knn_cfg.tau) if preset == "default" else {}
+  opts = suite.Options.from_preset(
+      preset, train=config.data.train, test=knn_cfg.test, protocols=final_protocols(config),
+      per_block_k=knn_cfg.k, image_size=knn_cfg.crop_size, resize=knn_cfg.resize_size,
+      batch_size=knn_cfg.batch_size, progress=False,
+      allow_label_mismatch=bool(final.get("allow_label_mismatch", False)), **monitor)
+  log("final evaluation (%s, preset %s) of %s", ",".join(opts.protocols), preset, workdir)
   suite.run([workdir], opts, names=[paths.basename(workdir)],
-            out_dir=paths.join(workdir, "evaluation"), log=log)
+            out_dir=paths.join(workdir, "evaluation"), log=log, tensorboard=True)
 
 
 def _host_batch(train_iter, peek: bool = False):

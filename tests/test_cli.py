@@ -132,7 +132,8 @@ def test_cli_image_folder_train_knn_and_knn_eval(pretrained, tmp_path, capsys):
     final = json.load(f)["run"]
   assert set(final["protocols"]) == {"knn", "cluster"}
   assert final["num_train"] == 32 and final["num_test"] == 8
-  assert "eval/cluster/best/nmi" in rows[-1] and rows[-1]["step"] == 2
+  assert "eval/cluster/lowest_inertia/nmi" in rows[-1] and rows[-1]["step"] == 2
+  assert "k-NN monitor eval view: resize" in out and "preset default" in out
 
   from mim_refiner_jax.tools import knn_eval  # pylint: disable=g-import-not-at-top
   export = str(workdir / "export" / "encoder_flax")

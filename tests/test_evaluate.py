@@ -7,6 +7,7 @@ images with batch 16 leave a padded last batch, and 16 rows split over 8 devices
 
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +28,8 @@ from mim_refiner_jax.tools import evaluate as evaluate_tool
 
 KWARGS = vit_kwargs("mu", 4, image_size=16)
 KEYS = ("cls", "patch_mean", "cls_patch_mean", "block0_cls", "block1_patch_mean",
-        "block1_cls_patch_mean", "last2_cls", "last2_cls_patch_mean", "block1_patch_tokens")
+        "block1_cls_patch_mean", "last2_cls", "last2_cls_patch_mean", "last2_cls_patch_mean_dinov2",
+        "block1_patch_tokens")
 SOURCE = dict(name="synthetic", num_examples=37, num_classes=4, image_size=20, seed=3)
 TRANSFORM = dict(resize_size=18, crop_size=16)
 BATCH = 16
@@ -77,8 +79,11 @@ def test_extraction_every_example_once_and_poolings(encoder, eight_devices):
       "block0_cls": aux["block_cls"][0], "block1_patch_mean": mean1,
       "block1_cls_patch_mean": np.concatenate([cls1, mean1], 1),
       "last2_cls": np.concatenate([aux["block_cls"][0], cls1], 1),
-      # DINOv2's last-n input: n CLS tokens, then the last block's mean patch token.
-      "last2_cls_patch_mean": np.concatenate([aux["block_cls"][0], cls1, mean1], 1)}
+      # the reference's last-n input: n CLS tokens, then the n mean patch tokens
+      "last2_cls_patch_mean": np.concatenate([aux["block_cls"][0], cls1,
+                                              aux["block_patch_mean"][0], mean1], 1),
+      # DINOv2's: n CLS tokens, then the last block's mean patch token
+      "last2_cls_patch_mean_dinov2": np.concatenate([aux["block_cls"][0], cls1, mean1], 1)}
   for key, value in expected.items():
     np.testing.assert_allclose(out[key], value, atol=2e-5, rtol=1e-5, err_msg=key)
   tokens = out["block1_patch_tokens"]
@@ -242,6 +247,7 @@ def test_per_block_writes_json_and_png(tmp_path):
 def test_evaluate_cli_knn_and_per_block(tmp_path, flax_checkpoint, capsys):
   wd = str(tmp_path / "wd")
   _fake_workdir(wd, ema=True)
+  before = sorted(os.listdir(wd))
   out = str(tmp_path / "eval")
   results = evaluate_tool.main([
       "--checkpoint", wd, "--checkpoint", flax_checkpoint, "--name", "refined", "--name", "mae",
@@ -256,13 +262,25 @@ def test_evaluate_cli_knn_and_per_block(tmp_path, flax_checkpoint, capsys):
   assert results["mae"]["num_test"] == 37 and results["mae"]["transform"]["crop_size"] == 16
   for name in ("results.json", "per_block.json", "per_block.png"):
     assert os.path.getsize(os.path.join(out, name)) > 0
-  with open(os.path.join(wd, "metrics.jsonl")) as f:  # the workdir got its eval scalars
+  assert results["mae"]["preset"] == "default"
+  assert results["mae"]["settings"]["k"] == (1, 5) and results["mae"]["settings"]["tau"] == 0.07
+  # With --out nothing is written next to the model: no events, no feature cache in the workdir.
+  assert sorted(os.listdir(wd)) == before
+  printed = capsys.readouterr().out
+  assert "eval view: resize 18, centre crop 16" in printed and "feature cache: " in printed
+  assert re.search(r"knn/block1_cls/k5 +\d+\.\d\d  %", printed)  # one unit column: percent
+  evaluate_tool.main([  # asked for: the workdir gets its eval scalars (cached features, fast)
+      "--checkpoint", wd, "--train", "synthetic:64", "--test", "synthetic:37,seed=1",
+      "--k", "1,5", "--resize", "18", "--batch-size", "16", "--out", out, "--tensorboard",
+      "--cache-dir", str(tmp_path / "cache"), "--no-progress"])
+  with open(os.path.join(wd, "metrics.jsonl")) as f:
     record = json.loads(f.readlines()[-1])
-  assert record["step"] == 5 and "eval/knn/block1_cls/k5" in record
+  assert record["step"] == 5 and 0 <= record["eval/knn/block1_cls/k5"] <= 100  # percent
   assert os.listdir(os.path.join(wd, "tb"))
   for argv, message in (
       (["--protocols", "knn,nope"], "unknown"),
       (["--features", "block1_patch_tokens", "--out", out], "one vector per image"),
+      (["--test", "synthetic:8,num_classes=8", "--out", out], "the train set lacks"),
       (["--train", "cifar:train"], "unknown data source kind 'cifar'")):
     base = {"--checkpoint": wd, "--train": "synthetic:8", "--test": "synthetic:8"}
     base.update(dict(zip(argv[::2], argv[1::2])))
@@ -328,9 +346,13 @@ def test_other_protocols_get_the_right_features(tmp_path, flax_checkpoint, monke
                     selective_aggregation_probe=lambda tr, ytr, te, yte, **kw: calls.setdefault(
                         "sa", (tr, te)) and best),
       "lowshot": dict(lowshot_eval=lambda tr, ytr, te, yte, **kw: calls.setdefault(
-          "lowshot", (tr, te)) and {"1shot": {"mean": 0.3}}),
+          "lowshot", (tr, te, kw)) and {"settings": {"1shot": {"mean": 0.3, "std": 0.01}},
+                                        "splits_from": "seeded splits", "num_splits": 3}),
       "cluster": dict(clustering_eval=lambda x, y, **kw: calls.setdefault(
-          "cluster", (x, y)) and {"best": {"nmi": 0.2}, "mean": {"nmi": 0.1}})}
+          "cluster", (x, y, kw)) and {
+              "lowest_inertia": dict(acc=0.4, nmi=0.2, ami=0.2, ari=0.1), "restarts": 10,
+              "mean": dict(acc=0.3, nmi=0.1, ami=0.1, ari=0.1),
+              "class_separation": dict(silhouette=0.05, davies_bouldin=2.0)})}
   for name, attrs in fakes.items():
     module = types.SimpleNamespace(**attrs)
     monkeypatch.setitem(sys.modules, f"mim_refiner_jax.evaluation.{name}", module)
@@ -343,9 +365,10 @@ def test_other_protocols_get_the_right_features(tmp_path, flax_checkpoint, monke
   train, test, kwargs = calls["grid"]
   assert set(train) == {"last1_cls", "last1_cls+patch", "last2_cls", "last2_cls+patch"}  # depth 2
   # --probe-augment 2: two differently augmented copies of the train set for the probe grid.
+  # last-n CLS || patch is the reference's: n CLS + n mean patch tokens (2 x 2 x 32)
   assert {k: v.shape for k, v in train.items()} == {
       "last1_cls": (2, 24, 32), "last1_cls+patch": (2, 24, 64), "last2_cls": (2, 24, 64),
-      "last2_cls+patch": (2, 24, 96)}
+      "last2_cls+patch": (2, 24, 128)}
   assert not np.allclose(train["last1_cls"][0], train["last1_cls"][1])
   assert test["last1_cls"].shape == (13, 32) and "mesh" in kwargs
   assert calls["sa"][0].shape == (24, 16, 32) and calls["sa"][1].shape == (13, 16, 32)
@@ -354,3 +377,19 @@ def test_other_protocols_get_the_right_features(tmp_path, flax_checkpoint, monke
   protocols = results[next(iter(results))]["protocols"]
   assert protocols["probe"]["selective_aggregation"]["best"]["accuracy"] == 0.5
   assert protocols["cluster"]["features"] == "block1_cls"
+  assert (kwargs["epochs"], kwargs["batch_size"]) == (10, 256)  # the default preset
+  assert calls["cluster"][2]["restarts"] == 10 and calls["cluster"][2]["algorithm"] == "lloyd"
+  # --preset paper reaches every protocol; a flag overrides one value
+  calls.clear()
+  results = evaluate_tool.main([
+      "--checkpoint", flax_checkpoint, "--train", "synthetic:24", "--test", "synthetic:13,seed=1",
+      "--protocols", "probe,lowshot,cluster", "--resize", "18", "--batch-size", "16",
+      "--out", str(tmp_path / "out"), "--no-cache", "--no-progress", "--preset", "paper",
+      "--probe-augmentation", "none", "--lowshot-seeds", "4,5,6,7"])
+  _, _, kwargs = calls["grid"]
+  assert (kwargs["epochs"], kwargs["batch_size"], len(kwargs["lrs"])) == (50, 1024, 13)
+  assert calls["lowshot"][2]["seeds"] == (4, 5, 6, 7) and calls["lowshot"][2]["split_dir"] is None
+  assert (calls["cluster"][2]["restarts"], calls["cluster"][2]["algorithm"]) == (100, "minibatch")
+  settings = results[next(iter(results))]["settings"]
+  assert settings["dtype"] == "bfloat16" and settings["probe_augmentation"] == "none"
+  assert results[next(iter(results))]["preset"] == "paper"

@@ -121,3 +121,34 @@ def test_divisor_and_pair_sets():
   assert sorted({b for _, b in l}) == list(range(2, 12))
   with pytest.raises(ValueError, match="local_view_indexing"):
     nna.pair_sets(2, "fixed")
+
+
+@pytest.mark.parametrize("tau", [0.2, 0.3])
+def test_bf16_logits_equal_torch_autocast(tau):
+  """The reference's `pre @ pred.T / tau` under `torch.autocast(bf16)`: a bf16 matmul (fp32
+  accumulation, rounded once), then a bf16 tensor divided by a Python scalar, computed in fp32
+  and rounded once. On CUDA (where the reference ran) torch's `div_true_kernel_cuda` multiplies by
+  the fp32 reciprocal; torch on CPU (here) divides. Ours is the CUDA rule: bitwise equal to the
+  CPU autocast matmul scaled that way; against CPU autocast's division it is bitwise equal at
+  tau = 0.2 and differs by one last bf16 bit on <= 2% of logits at 0.3 (x * (1/tau) vs x / tau in
+  fp32 round differently). The old bf16 division by bf16(tau) (0.2 -> 0.2002) left >10% of the
+  logits one bf16 step off, which this test catches."""
+  rng = np.random.default_rng(3)
+  a, n, p = (rng.normal(size=(64, 32)).astype(np.float32) for _ in range(3))
+  a, n, p = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in (a, n, p))
+  logits, positive = jax.jit(lambda a, n, p: nna.nna_logits(a, n, p, tau, jnp.bfloat16))(a, n, p)
+  logits, positive = np.asarray(logits), np.asarray(positive)
+  with torch.autocast("cpu", dtype=torch.bfloat16):
+    at, nt, pt = (torch.from_numpy(x) for x in (a, n, p))
+    matmul, matmul_positive = at @ pt.T, nt @ pt.T
+    cpu_division = at @ pt.T / tau
+  assert matmul.dtype == torch.bfloat16
+  cuda_rule = lambda x: (x.float() * torch.tensor(1.0 / tau, dtype=torch.float32)).bfloat16()
+  np.testing.assert_array_equal(logits, cuda_rule(matmul).float().numpy())
+  np.testing.assert_array_equal(positive, cuda_rule(matmul_positive).diagonal().float().numpy())
+  assert np.mean(logits != cpu_division.float().numpy()) <= (0.0 if tau == 0.2 else 0.02)
+  # the old rule (divide by bf16(tau) in bf16) is far off
+  bf16 = jnp.bfloat16
+  old = (jnp.dot(a.astype(bf16), p.astype(bf16).T, preferred_element_type=jnp.float32)
+         .astype(bf16) / jnp.asarray(tau, bf16)).astype(jnp.float32)
+  assert np.mean(np.asarray(old) != cuda_rule(matmul).float().numpy()) > 0.1

@@ -141,8 +141,8 @@ def test_lr_schedule_paper_l16_numbers():
 
 
 def test_lr_schedule_matches_kappaschedules():
-  """Optional: the reference's own schedule library (not a project dependency)."""
-  ks = pytest.importorskip("kappaschedules")
+  """The reference's own schedule library (a test extra: requirements-test.txt, [test])."""
+  import kappaschedules as ks  # pylint: disable=g-import-not-at-top  (a test extra: never skipped)
   from kappaschedules.schedules import (  # pylint: disable=g-import-not-at-top
       CosineDecreasingSchedule, LinearIncreasingSchedule, SequentialStepSchedule,
       SequentialStepScheduleConfig)

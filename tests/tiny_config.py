@@ -36,7 +36,7 @@ def get_config(arg=None):
       # At the end of a run, the evaluation suite on its EMA encoder (tools/evaluate.py's
       # protocols, e.g. "knn,per_block,probe,lowshot,cluster"; "" = none): trained on data.train,
       # tested on the k-NN test set; results in WORKDIR/evaluation.
-      final=dict(protocols=""))
+      final=dict(protocols="", preset="default", allow_label_mismatch=False))
   c.sharding = dict(data=-1, fsdp=1, rules="replicate")
   c.checkpoint = dict(every_steps=4, keep=2)
   c.log_every_steps = 1

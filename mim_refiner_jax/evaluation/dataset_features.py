@@ -52,6 +52,11 @@ def eval_transform(image_size: int, resize_size: int | None = None) -> dict:
   return dict(resize_size=int(resize), crop_size=int(image_size))
 
 
+def describe_view(transform: dict) -> str:
+  """The eval view in words, as the k-NN monitor and tools/evaluate.py print it."""
+  return f"resize {transform['resize_size']}, centre crop {transform['crop_size']}"
+
+
 def cache_digest(encoder_identity: dict, source_cfg: dict, transform: dict, dtype: str) -> str:
   record = dict(version=CACHE_VERSION, encoder=encoder_identity, source=source_cfg,
                 transform=transform, dtype=str(jnp.dtype(dtype)))

@@ -21,8 +21,6 @@ any device count. `dataset_features.dataset_features` wraps this for a source co
 """
 
 import functools
-import sys
-import time
 from typing import Any, Callable, Iterable, Sequence
 
 import jax
@@ -31,6 +29,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mim_refiner_jax.evaluation import pooling
+from mim_refiner_jax.evaluation.progress import progress_bar
 
 _PER_ROW = ("label", "index")  # per-row batch entries carried along with the features
 
@@ -180,34 +179,3 @@ def extract_features(apply_fn: Callable[[Any, jax.Array], tuple[Any, dict]], var
   consume(pending)
 
   return {key: np.concatenate(collected[key]) for key in feature_keys + per_row_keys}
-
-
-class _Lines:
-  """Progress as plain lines (no tqdm, or not a terminal): about ten lines per loop."""
-
-  def __init__(self, total, desc):
-    self.total, self.desc, self.n, self.start = total, desc, 0, time.time()
-    self.every = max(1, -(-(total or 10) // 10))
-
-  def update(self, n=1):
-    self.n += n
-    if self.n % self.every == 0 or self.n == self.total:
-      of = f"/{self.total}" if self.total else ""
-      print(f"{self.desc}: {self.n}{of} ({time.time() - self.start:.0f} s)", file=sys.stderr,
-            flush=True)
-
-  def close(self):
-    pass
-
-
-def progress_bar(total: int | None, desc: str):
-  """A tqdm bar on process 0 when stderr is a terminal, else progress lines; None elsewhere."""
-  if jax.process_index() != 0:
-    return None
-  try:
-    import tqdm  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return _Lines(total, desc)
-  if not sys.stderr.isatty():
-    return _Lines(total, desc)
-  return tqdm.tqdm(total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True)

@@ -16,7 +16,8 @@ Test rows go through in chunks of one fixed size (the last one padded), replicat
 train rows get similarity -inf, so they are never chosen. Several k come from one similarity pass:
 the top-k of every k is a prefix of the sorted top-max(k). The similarity matmul runs in fp32 at
 HIGHEST precision by default (parity with the float64 tests); `similarity_dtype="bfloat16"`
-rounds the normalised features to bf16 with fp32 accumulation, as the paper's bf16 runs did.
+rounds the normalised features to bf16 with fp32 accumulation (an option: the reference's bf16
+autocast wraps only the encoder forward, its `multiclass_knn` similarities are fp32).
 """
 
 import functools

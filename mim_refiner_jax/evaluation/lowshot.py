@@ -60,10 +60,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tqdm
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mim_refiner_jax.evaluation import knn
+from mim_refiner_jax.evaluation import progress as progress_lib
 
 LAMBDA_TIMES_N = 0.00025   # lambda = 0.00025 / n_train (offline_logreg_callback.py, MSN)
 DEFAULT_MAX_ITER = 1000
@@ -355,7 +355,7 @@ def lowshot_eval(train_feats, train_labels, test_feats, test_labels, *,
   test_in = cyanure_preprocess(test_x) if preprocess_test else test_x.astype(np.float32)
   results = {}
   jobs = [(s, i) for s in settings for i in range(len(split_names))]
-  for setting, i in tqdm.tqdm(jobs, desc="low-shot", disable=not progress, leave=False):
+  for setting, i in progress_lib.iterate(jobs, "low-shot", progress):
     if split_dir is not None:
       rows = read_split_file(os.path.join(dirs[i], split_file_name(setting)), len(train_x),
                              train_names)
@@ -377,7 +377,10 @@ def lowshot_eval(train_feats, train_labels, test_feats, test_labels, *,
   for entry in results.values():
     entry["mean"] = float(np.mean(entry["accuracies"]))
     entry["std"] = float(np.std(entry["accuracies"]))
-  return dict(settings=results, lambda_times_n=float(lambda_times_n), solver=solver,
+  splits_from = (f"MSN split files in {split_dir}" if split_dir is not None
+                 else f"seeded splits (seeds {', '.join(str(s) for s in split_names)})")
+  return dict(settings=results, splits_from=splits_from, num_splits=len(split_names),
+              lambda_times_n=float(lambda_times_n), solver=solver,
               preprocess_test=bool(preprocess_test), num_test=int(len(test_x)),
               max_iter=int(max_iter), tol=float(tol))
 

@@ -15,6 +15,7 @@ tau, features (comma-separated keys; "" = no monitor), heads (bool, default True
 
 from mim_refiner_jax.data import loader as loader_lib
 from mim_refiner_jax.data import sources as sources_lib
+from mim_refiner_jax.evaluation import dataset_features as dataset_lib
 from mim_refiner_jax.evaluation import features as features_lib
 from mim_refiner_jax.evaluation import knn as knn_lib
 from mim_refiner_jax.models.heads import LinearBN
@@ -39,6 +40,8 @@ class KnnMonitor:
     self.head_keys = tuple(f"head/{h.name}/projector0" for h in self.heads)
     self.apply_fn = self._make_apply_fn()  # one object: extract_features reuses its compile
     eval_cfg = dict(resize_size=cfg.resize_size, crop_size=cfg.crop_size)
+    # tools/evaluate.py evaluates a workdir at this same view (suite.eval_view) and prints it
+    self.view = dataset_lib.describe_view(eval_cfg)
     self.loaders, self.sizes = {}, {}
     for split in ("train", "test"):  # spec strings or dicts (data/sources.py)
       source = sources_lib.make_source(cfg[split], where=f"config.evals.knn.{split}")

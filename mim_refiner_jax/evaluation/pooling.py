@@ -9,12 +9,16 @@ A feature key is `[WHERE_]POOLING`:
   POOLING  "cls"             the CLS token                                        [D]
            "patch_mean"      the mean of the patch tokens                         [D]
            "cls_patch_mean"  CLS || mean patch                                    [2D]
+           "cls_patch_mean_dinov2"  as cls_patch_mean for one block; see below
            "patch_tokens"    the patch tokens themselves, for the selective-      [T, D]
                              aggregation probe (no CLS; beyond_cls_facts 1-2 read the last
                              block without the final norm: "block{depth-1}_patch_tokens")
 For "last{n}_": "cls" concatenates n CLS tokens ("last4_cls", section 10.1), "patch_mean" n mean
-patch tokens, and "cls_patch_mean" follows DINOv2's linear probe (`create_linear_input`, the grid
-of section 10.2): the n CLS tokens, then the mean patch token of the last block only [(n+1)D].
+patch tokens, and "cls_patch_mean" is the reference's probe input (section 10.2): its
+`vit_block_extractor` concatenates the raw block outputs along channels ([B, T, nD],
+`concat_finalizer(dim=-1)`), then `ConcatClassAverage` pools: the n CLS tokens, then the n mean
+patch tokens [2nD]. "cls_patch_mean_dinov2" is DINOv2's `create_linear_input`: the n CLS tokens,
+then the mean patch token of the last block only [(n+1)D].
 "patch_tokens" cannot be concatenated over blocks.
 """
 
@@ -23,7 +27,7 @@ from typing import Mapping, Sequence
 
 import jax.numpy as jnp
 
-POOLINGS = ("cls", "patch_mean", "cls_patch_mean", "patch_tokens")
+POOLINGS = ("cls", "patch_mean", "cls_patch_mean", "cls_patch_mean_dinov2", "patch_tokens")
 _KEY = re.compile(r"(?:(block)(\d+)_|(last)(\d+)_)?(" + "|".join(POOLINGS) + r")")
 _HELP = ("use [block{i}_|last{n}_](cls|patch_mean|cls_patch_mean|patch_tokens), e.g. 'cls', "
          "'block11_cls', 'last4_cls', 'cls_patch_mean', 'block11_patch_tokens'")
@@ -68,7 +72,7 @@ def pool(tokens: jnp.ndarray, pooling: str) -> jnp.ndarray:
     return cls
   if pooling == "patch_mean":
     return patches.mean(axis=1)
-  if pooling == "cls_patch_mean":
+  if pooling in ("cls_patch_mean", "cls_patch_mean_dinov2"):
     return jnp.concatenate([cls, patches.mean(axis=1)], axis=-1)
   if pooling == "patch_tokens":
     return patches
@@ -87,7 +91,10 @@ def pooled_features(keys: Sequence[str], main_tokens, block_tokens: Mapping[int,
       missing = [i for i in blocks if i not in block_tokens]
       if missing:
         raise ValueError(f"feature key {key!r} needs the outputs of blocks {missing}")
-      if pooling == "cls_patch_mean" and len(blocks) > 1:  # DINOv2's last-n input (module doc)
+      if pooling == "cls_patch_mean":  # the reference's: n CLS, then n mean patch (module doc)
+        parts = ([pool(block_tokens[i], "cls") for i in blocks]
+                 + [pool(block_tokens[i], "patch_mean") for i in blocks])
+      elif pooling == "cls_patch_mean_dinov2":  # DINOv2's last-n input (module doc)
         parts = [pool(block_tokens[i], "cls") for i in blocks]
         parts.append(pool(block_tokens[blocks[-1]], "patch_mean"))
       else:

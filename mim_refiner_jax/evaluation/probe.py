@@ -29,9 +29,10 @@ searches the LR scale that LARS adapts, needs no per-layer norms, and keeps one 
 probes. Inits follow the original: torch's default Linear init (U(+-1/sqrt(D))) for the scorer
 and the classifier.
 
-Not implemented: training on cached features of the reference's `train_minaug` views (the
-reference probes see a random-resized-crop + flip view each epoch; here every epoch sees the same
-no-aug features) and bf16 (the reference autocasts; here all is fp32).
+On cached features every epoch sees the same view (no-aug, or A fixed augmented copies); the
+reference's fresh `train_minaug` view per epoch with a bf16 encoder is probe_stream.py, which
+trains these heads with `train_heads(..., train_batches=...)`. The heads here are fp32 (the
+reference autocasts the Linear to bf16).
 
 Defaults are sized for MNIST-scale checks (a few thousand rows: 10 epochs, batch 256, a few
 seconds on 2 CPU cores); the paper's values are `epochs=PAPER_EPOCHS, batch_size=PAPER_BATCH_SIZE`.
@@ -40,16 +41,17 @@ seconds on 2 CPU cores); the paper's values are `epochs=PAPER_EPOCHS, batch_size
 import dataclasses
 import functools
 import math
+import time
 from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tqdm
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mim_refiner_jax import optim
 from mim_refiner_jax.evaluation import knn
+from mim_refiner_jax.evaluation import progress as progress_lib
 
 # The DINOv2 learning-rate grid (section 10.2), multiplied by batch / 256.
 DINOV2_LRS = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
@@ -217,11 +219,15 @@ def _batch_spec(mesh, batch_axis: int, ndim: int) -> NamedSharding:
 def train_heads(model, make_batch, train_labels: np.ndarray, test_labels: np.ndarray, *,
                 batch_axis: int, batch_ndim: int, lrs: Sequence[float], epochs: int,
                 batch_size: int, seed: int, mesh, optimizer: str, progress: bool,
-                desc: str) -> dict:
+                desc: str, train_batches=None) -> dict:
   """Trains every head of `model` with SGD; returns test top-1 after every epoch.
 
   `make_batch(split, rows, epoch)` returns the host array of the given rows with the batch on
-  `batch_axis` (`epoch` picks an augmented copy of the train features, if any). Returns {"accuracy": [epochs, *heads] float64, "batch_size", "steps", "warmup"}.
+  `batch_axis` (`epoch` picks an augmented copy of the train features, if any).
+  `train_batches(epoch, rows_per_step)`, if given, yields the (x, y) global arrays of those rows
+  instead (the fresh-augmentation probe extracts them on the devices, probe_stream.py).
+  Returns {"accuracy": [epochs, *heads] float64, "batch_size", "steps", "warmup",
+  "epoch_seconds": [epochs] wall time of each epoch's training, extraction included}.
   """
   if optimizer not in ("sgd", "lars"):
     raise ValueError(f"optimizer must be 'sgd' or 'lars', got {optimizer!r}")
@@ -257,19 +263,30 @@ def train_heads(model, make_batch, train_labels: np.ndarray, test_labels: np.nda
     test_chunks.append((put(make_batch("test", rows, 0), x_spec),
                         put(test_labels[rows].astype(np.int32), y_spec), put(mask, y_spec)))
 
+  if train_batches is None:
+    def train_batches(epoch, rows_per_step):
+      for rows in rows_per_step:
+        yield (put(make_batch("train", rows, epoch), x_spec),
+               put(train_labels[rows].astype(np.int32), y_spec))
+
   rng = np.random.default_rng(seed)
-  counts, step = [], 0
-  for epoch in tqdm.trange(epochs, desc=desc, disable=not progress, leave=False):
+  counts, step, seconds = [], 0, []
+  for epoch in progress_lib.trange(epochs, desc, progress):
+    start = time.time()
     order = rng.permutation(n_train)
-    for i in range(steps_per_epoch):
-      rows = np.sort(order[i * batch:(i + 1) * batch])  # sorted: cheaper host gathers
-      state = train_step(state, put(make_batch("train", rows, epoch), x_spec),
-                         put(train_labels[rows].astype(np.int32), y_spec),
-                         jnp.asarray(step, jnp.int32))
+    # sorted within a batch: cheaper host gathers (BN and the mean loss do not see the order)
+    rows_per_step = [np.sort(order[i * batch:(i + 1) * batch]) for i in range(steps_per_epoch)]
+    for x, y in train_batches(epoch, rows_per_step):
+      state = train_step(state, x, y, jnp.asarray(step, jnp.int32))
       step += 1
     counts.append(sum(eval_step(state, *c) for c in test_chunks))  # stays on device until the end
+    jax.block_until_ready(counts[-1])
+    seconds.append(time.time() - start)
+  if step != total:
+    raise RuntimeError(f"train_batches gave {step} batches for {total} steps; this is a bug")
   correct = np.stack([np.asarray(jax.device_get(c.addressable_data(0))) for c in counts])
-  return dict(accuracy=correct / len(test_labels), batch_size=batch, steps=total, warmup=warmup)
+  return dict(accuracy=correct / len(test_labels), batch_size=batch, steps=total, warmup=warmup,
+              epoch_seconds=seconds)
 
 
 # ------------------------------------------------------------------------------------ public API
@@ -352,14 +369,19 @@ def linear_probe_grid(train: Mapping[str, np.ndarray], train_labels, test: Mappi
   run = train_heads(model, make_batch, train_y, test_y, batch_axis=1, batch_ndim=3, lrs=lrs,
                     epochs=epochs, batch_size=batch_size, seed=seed, mesh=mesh,
                     optimizer=optimizer, progress=progress, desc="linear probe grid")
-  acc = run["accuracy"]  # [epochs, F, L]
+  return dict(summarize_grid(run["accuracy"], names, lrs), lrs=[float(lr) for lr in lrs],
+              epochs=int(epochs), batch_size=run["batch_size"], lr_scale=run["batch_size"] / 256,
+              steps=run["steps"], warmup_steps=run["warmup"], num_train=n_train, num_test=n_test,
+              optimizer=optimizer, augmented_copies=copies if copies > 1 else 0,
+              augmentation=(f"{copies} fixed copies" if copies > 1 else "none (cached features)"),
+              epoch_seconds=run["epoch_seconds"])
+
+
+def summarize_grid(acc: np.ndarray, names: Sequence[str], lrs: Sequence[float]) -> dict:
+  """acc [epochs, F, L] -> {"best": {"accuracy", "feature", "lr", "epoch"}, "features": ...}."""
   features = {k: _summary(acc[:, i], lrs) for i, k in enumerate(names)}
   best_name = max(names, key=lambda k: features[k]["best"]["accuracy"])  # first maximum wins
-  best = dict(feature=best_name, **features[best_name]["best"])
-  return dict(best=best, features=features, lrs=[float(lr) for lr in lrs], epochs=int(epochs),
-              batch_size=run["batch_size"], lr_scale=run["batch_size"] / 256,
-              steps=run["steps"], warmup_steps=run["warmup"], num_train=n_train, num_test=n_test,
-              optimizer=optimizer, augmented_copies=copies if copies > 1 else 0)
+  return dict(best=dict(feature=best_name, **features[best_name]["best"]), features=features)
 
 
 def selective_aggregation_probe(train_tokens, train_labels, test_tokens, test_labels, *,

@@ -41,12 +41,14 @@ def pair_sets(num_local_views: int, local_view_indexing: str):
   return global_pairs, local_pairs
 
 
-def nna_term(anchor: jax.Array, neighbour: jax.Array, prediction: jax.Array, temperature: float,
-             logits_dtype=None):
-  """T(a, b) for normalised `anchor`, `neighbour`, `prediction` `[N, d]`: (loss, alignment).
+def nna_logits(anchor: jax.Array, neighbour: jax.Array, prediction: jax.Array,
+               temperature: float, logits_dtype=None):
+  """fp32 `([N, N] anchor-prediction logits, [N] positive logits)` of T(a, b).
 
   `logits_dtype` bf16 reproduces the reference under autocast (sections 1.5, 13): bf16 matmuls
-  with bf16 results, the division by tau in bf16, the cross-entropy in fp32. None: all fp32.
+  with bf16 results, the cross-entropy in fp32. The division by tau is torch's for a bf16 tensor
+  and a Python scalar: x * (1 / tau) in fp32, rounded once to bf16 (dividing by a bf16 tau,
+  0.2 -> 0.2002, left 15-49% of the logits one bf16 step low). None: all fp32.
   """
   if logits_dtype is None:
     logits = anchor @ prediction.T / temperature                         # [N, N] negatives
@@ -55,9 +57,18 @@ def nna_term(anchor: jax.Array, neighbour: jax.Array, prediction: jax.Array, tem
     cast = lambda x: x.astype(logits_dtype)
     logits = jnp.dot(cast(anchor), cast(prediction).T, preferred_element_type=jnp.float32)
     positive = jnp.sum(cast(neighbour).astype(jnp.float32) * cast(prediction), axis=-1)
-    # bf16 results of the matmuls, divided in bf16, upcast for the fp32 cross-entropy
-    logits, positive = ((cast(x) / jnp.asarray(temperature, logits_dtype)).astype(jnp.float32)
-                        for x in (logits, positive))
+    # bf16 results of the matmuls, scaled in fp32 and rounded once, upcast for the cross-entropy
+    inverse = jnp.float32(1.0 / temperature)
+    logits, positive = ((cast(x).astype(jnp.float32) * inverse).astype(logits_dtype)
+                        .astype(jnp.float32) for x in (logits, positive))
+  return logits, positive
+
+
+def nna_term(anchor: jax.Array, neighbour: jax.Array, prediction: jax.Array, temperature: float,
+             logits_dtype=None):
+  """T(a, b) for normalised `anchor`, `neighbour`, `prediction` `[N, d]`: (loss, alignment);
+  the logits as `nna_logits`."""
+  logits, positive = nna_logits(anchor, neighbour, prediction, temperature, logits_dtype)
   n = logits.shape[0]
   logits = jnp.where(jnp.eye(n, dtype=bool), positive[:, None], logits)
   lse = jax.nn.logsumexp(logits, axis=-1)

@@ -159,7 +159,8 @@ def suite_protocols(train_x, train_y, test_x, test_y) -> dict:
                                  progress=False)
   low = lowshot.lowshot_eval(train_x, train_y, test_x, test_y, mesh=mesh,
                              progress=False)["settings"]
-  clusters = cluster.clustering_eval(test_x, test_y, mesh=mesh, progress=False)["best"]
+  clusters = cluster.clustering_eval(test_x, test_y, mesh=mesh,
+                                     progress=False)["lowest_inertia"]
   return dict(probe=grid["best"]["accuracy"], cluster_acc=clusters["acc"],
               cluster_nmi=clusters["nmi"], **{k: v["mean"] for k, v in low.items()})
 
