@@ -47,6 +47,7 @@ from mim_refiner_jax import sharding as sharding_lib
 from mim_refiner_jax import state as state_lib
 from mim_refiner_jax import train_step as train_step_lib
 from mim_refiner_jax.convert import checkpoints as convert_lib
+from mim_refiner_jax.convert import mapping as convert_mapping
 from mim_refiner_jax.data import loader as loader_lib
 from mim_refiner_jax.data import sources as sources_lib
 from mim_refiner_jax.evaluation import monitor as monitor_lib
@@ -285,6 +286,8 @@ def load_pretrained(path: str, num_heads: int | None = None,
     first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
     while first_line.startswith(f"{path}: "):  # the readers' messages lead with the path already
       first_line = first_line[len(path) + 2:]
+    if isinstance(e, convert_mapping.ArchitectureMismatch):  # readable: the line names the fix
+      raise errors.UserError(f"{setting}={path}: {first_line}") from None
     raise errors.UserError(f"{setting}={path} cannot be read: {first_line}; point it at a "
                            "checkpoint tools/convert_weights.py reads") from None
 
