@@ -211,10 +211,9 @@ UNSUPPORTED = (
 
 
 def _dropped(name: str) -> bool:
-  """Keys the reference loader drops: decoders, MAE's mask token, data2vec's EMA teacher; a timm
-  classifier (`head.*`): refinement reads features before it."""
-  return ("decoder" in name or name == "mask_token" or name.startswith("_ema")
-          or name.startswith("head."))
+  """Keys the reference loader drops: decoders, MAE's (and DINOv2's) mask token, data2vec's EMA
+  teacher."""
+  return "decoder" in name or name == "mask_token" or name.startswith("_ema")
 
 
 def naming_of(state_dict: dict) -> str:

@@ -354,7 +354,9 @@ class ViT(nn.Module):
 
     block_cls = nn.remat(Block) if self.remat else Block
     wanted = set(blocks)
-    aux = {"block_cls": {}, "block_patch_mean": {}, "block_registers": {}}
+    aux = {"block_cls": {}, "block_patch_mean": {}}
+    if self.reg_tokens:
+      aux["block_registers"] = {}
     for i in range(self.depth):
       last = cls_only and i == self.depth - 1
       x = block_cls(self.num_heads, int(self.mlp_ratio * d), self.prenorm, self.dtype,
