@@ -285,18 +285,24 @@ def pos_table_to_grid(pos, cls_token, name: str = "pos_embed", reg_token=None):
     raise ValueError(f"{name} has shape {shape}; expected (1, T, D) or (1, h, w, D)")
   t, d = shape[1], shape[2]
   notes = []
-  n = int(cls_token is not None) + (_shape(reg_token)[1] if reg_token is not None else 0)
-  g = int(round(max(t - n, 0) ** 0.5))
-  if n and g * g == t - n and g > 0:
+  r = _shape(reg_token)[1] if reg_token is not None else 0
+  c = int(cls_token is not None)
+  # Rows for CLS and registers (timm), for CLS only (DINOv2: registers have none), or none.
+  for n, rows_of in ((c + r, "prefix"), (c, "cls") if r else (0, "")):
+    g = int(round(max(t - n, 0) ** 0.5))
+    if not (n and g > 0 and g * g == t - n):
+      continue
     pos = as_float32(pos, name)
     rows, pos = pos[:, :n], pos[:, n:]
-    if cls_token is not None and np.any(rows[:, :1] != 0):
+    if c and np.any(rows[:, :1] != 0):
       cls_token = as_float32(cls_token, "cls token") + rows[:, :1]
       notes.append("folded the nonzero CLS position row into cls_token (exact: timm adds it)")
-    if reg_token is not None and np.any(rows[:, n - _shape(reg_token)[1]:] != 0):
-      reg_token = as_float32(reg_token, "reg token") + rows[:, n - _shape(reg_token)[1]:]
+    if rows_of == "prefix" and r and np.any(rows[:, c:] != 0):
+      reg_token = as_float32(reg_token, "reg token") + rows[:, c:]
       notes.append("folded the register position rows into reg_token (exact: timm adds them)")
-    return pos.reshape(1, g, g, d), cls_token, reg_token, notes, False
+    # DINOv2's registers have no position rows: timm's no_embed_class model (CLS row folded).
+    return pos.reshape(1, g, g, d), cls_token, reg_token, notes, rows_of == "cls"
+  n = c + r
   g = int(round(t ** 0.5))
   if g * g != t:
     raise ValueError(f"{name} has {t} positions: neither a square grid nor a square plus {n} "
