@@ -121,8 +121,8 @@ def validate_config(config: ml_collections.ConfigDict):
   if config.queue.size % jax.device_count():
     raise errors.UserError(f"config.queue.size={config.queue.size} must divide by the number of "
                            f"devices ({jax.device_count()}): the queue is split over all of them")
-  for name in config.heads.names.split(","):
-    config_lib.head_spec(name)  # raises a clear error for a malformed name
+  head_specs(config)  # a malformed head name or pooling: one line
+  config_lib.check_queue(config)
   from mim_refiner_jax.evaluation import suite  # pylint: disable=g-import-not-at-top
   unknown = [p for p in final_protocols(config) if p not in suite.PROTOCOLS]
   if unknown:
@@ -157,7 +157,7 @@ def resolve_eval_sources(config: ml_collections.ConfigDict) -> ml_collections.Co
 
 
 def head_specs(config) -> list[config_lib.HeadSpec]:
-  return [config_lib.head_spec(n) for n in config.heads.names.split(",")]
+  return config_lib.head_specs(config.heads.names, config.heads.get("pooling", ""))
 
 
 # ------------------------------------------------------------------------------- model, optimizer
@@ -430,7 +430,7 @@ class WorkdirGuard:
 def train(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None = None):
   """Runs (or resumes) one stage in `workdir`; returns `(state, last metrics fetched)`."""
   validate_config(config)
-  config = resolve_eval_sources(config)
+  config = resolve_eval_sources(config_lib.resolve_crop_sizes(config))
   workdir_existed = os.path.isdir(workdir)
   try:
     # A second live run on the workdir is refused before anything is touched; the guard notes
@@ -492,6 +492,7 @@ def _train(config, workdir: str, stop_after: int | None, guard: WorkdirGuard):
   check_architecture(config, vit_kwargs, f"the run in {workdir}" if resume_step is not None
                      else config.init.pretrained if s2_state is None
                      else f"the stage-2 workdir {config.init.stage2_workdir}")
+  config_lib.check_model_fit(config, vit_kwargs)  # heads, crop sizes: before anything compiles
   model = build_model(config, vit_kwargs)
   depth = model.encoder.depth
   tx, lr_fn, total_steps = build_optimizer(config, param_shapes(config, model, key), steps_per_ep,

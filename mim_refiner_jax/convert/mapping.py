@@ -20,7 +20,7 @@ import re
 import ml_dtypes
 import numpy as np
 
-from mim_refiner_jax.models.vit import SIZES
+from mim_refiner_jax.models.vit import OPTION_DEFAULTS, SIZES
 
 # Families (section 1): the MAE family is pre-norm, data2vec 2.0 post-norm.
 FAMILY_ALIASES = {
@@ -59,10 +59,8 @@ HOOKS = {
 
 VIT_KWARGS_KEYS = (
     "patch_size", "width", "depth", "num_heads", "mlp_ratio", "prenorm", "pos_grid")
-# timm VisionTransformer options (models/vit.py) with timm's defaults; vit_kwargs carry only those
-# that differ, so the MAE / data2vec 2.0 kwargs (and every run.json written before) stay as they were.
-OPTION_DEFAULTS = dict(reg_tokens=0, class_token=True, init_values=None, qkv_bias=True,
-                       fc_norm=None, global_pool="token", no_embed_class=False)
+# vit_kwargs carry only the timm options (OPTION_DEFAULTS, models/vit.py) that differ from timm's
+# defaults, so the MAE / data2vec 2.0 kwargs (and every run.json written before) stay as they were.
 
 
 def options(vit_kwargs: dict) -> dict:

@@ -41,6 +41,10 @@ SIZES = {
     "twob": dict(width=2560, depth=24, num_heads=32),
 }
 
+# timm VisionTransformer options this ViT has, with timm's defaults (module docstring).
+OPTION_DEFAULTS = dict(reg_tokens=0, class_token=True, init_values=None, qkv_bias=True,
+                       fc_norm=None, global_pool="token", no_embed_class=False)
+
 NORM_EPS = 1e-6  # LayerNorm eps of every MIM model here (section 1.1)
 
 
