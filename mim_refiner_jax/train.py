@@ -298,7 +298,7 @@ def load_pretrained(path: str, num_heads: int | None = None,
 # encoder's own fields (model.*) are checked against the recorded architecture instead
 # (check_architecture), since "" there means "whatever the weights are".
 HEAD_FIELDS = ("heads.proj_hidden", "heads.pred_hidden", "heads.out_dim", "queue.size")
-STATE_FIELDS = ("stage", "heads.names", "optim.frozen_blocks") + HEAD_FIELDS
+STATE_FIELDS = ("stage", "heads.names", "heads.pooling", "optim.frozen_blocks") + HEAD_FIELDS
 
 
 def _field(config_dict: dict, field: str):
@@ -669,9 +669,13 @@ def export(state, vit_kwargs: dict, workdir: str, is_main: bool):
     shutil.rmtree(out)
   multihost_utils.sync_global_devices("export")
   convert_lib.save_flax(os.path.join(out, "encoder_flax"), variables, vit_kwargs)  # all processes
-  if is_main:
-    convert_lib.save_torch(os.path.join(out, "encoder_refined.th"), variables, vit_kwargs,
-                           layout="refined")
+  if is_main:  # the official layout where it can hold the model (registers etc.: timm's)
+    if convert_mapping.layout_refusal("refined", vit_kwargs) is None:
+      convert_lib.save_torch(os.path.join(out, "encoder_refined.th"), variables, vit_kwargs,
+                             layout="refined")
+    else:
+      convert_lib.save_torch(os.path.join(out, "encoder_timm.pth"), variables, vit_kwargs,
+                             layout="timm")
   log("exported the %s encoder to %s", "EMA" if "ema" in state else "trained", out)
 
 

@@ -528,7 +528,7 @@ def check_variables(variables: dict, vit_kwargs: dict) -> None:
                      f"  unexpected: {unexpected}\n  wrong shape: {wrong}")
 
 
-def _layout_refusal(layout: str, vit_kwargs: dict) -> str | None:
+def layout_refusal(layout: str, vit_kwargs: dict) -> str | None:
   """Why `layout` cannot hold this ViT (None if it can)."""
   o, prenorm = options(vit_kwargs), vit_kwargs["prenorm"]
   if layout in ("timm", "dinov2", "ijepa") and not prenorm:
@@ -572,7 +572,7 @@ def to_torch_state_dict(variables: dict, vit_kwargs: dict, layout: str = "refine
   if layout not in LAYOUTS:
     raise ValueError(f"unknown layout {layout!r}; use one of {LAYOUTS}")
   vit_kwargs = normalize_vit_kwargs(vit_kwargs)
-  refusal = _layout_refusal(layout, vit_kwargs)
+  refusal = layout_refusal(layout, vit_kwargs)
   if refusal:
     raise ValueError(refusal)
   check_variables(variables, vit_kwargs)
