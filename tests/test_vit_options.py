@@ -151,3 +151,29 @@ def test_refined_layout_refuses_what_it_cannot_express():
       {k: v.numpy() for k, v in model.state_dict().items()})
   with pytest.raises(ValueError, match="refined layout cannot express.*reg_tokens=4.*init_values"):
     checkpoints.mapping.to_torch_state_dict(variables, kw, "refined")
+
+
+def test_evaluation_poolings_follow_the_token_layout():
+  """Feature keys on a ViT without CLS token and with registers: the raw-token path
+  (encoder_apply_fn) and the pooled-aux path (plain apply) agree with the ViT's own pooling;
+  'cls' is refused in one line naming the fix."""
+  from mim_refiner_jax.evaluation import features  # pylint: disable=g-import-not-at-top
+  vit = ViT(patch_size=8, width=WIDTH, depth=DEPTH, num_heads=HEADS, pos_grid=4, reg_tokens=2,
+            class_token=False, global_pool="avg")
+  images = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  variables = vit.init(jax.random.key(0), images)
+  keys = ("block1_registers", "block0_patch_mean", "patch_mean", "registers")
+  out, aux = vit.apply(variables, images, blocks=(0, 1))
+  plain = features.select_features(out, aux, keys, DEPTH)
+  raw_out, raw_aux = features.encoder_apply_fn(vit, keys)(variables, images)
+  raw = features.select_features(raw_out, raw_aux, keys, DEPTH)
+  expected = {"block1_registers": aux["block_registers"][1],
+              "block0_patch_mean": aux["block_patch_mean"][0],
+              "patch_mean": aux["patch_mean"], "registers": aux["registers"]}
+  for key in keys:
+    np.testing.assert_allclose(plain[key], expected[key], atol=1e-6)
+    np.testing.assert_allclose(raw[key], expected[key], atol=1e-6)
+  np.testing.assert_allclose(aux["block_registers"][1], raw_aux["block_tokens"][1][:, :2].mean(1),
+                             atol=1e-6)
+  with pytest.raises(ValueError, match="without a CLS token.*use 'patch_mean'"):
+    features.select_features(raw_out, raw_aux, ("block1_cls",), DEPTH)
