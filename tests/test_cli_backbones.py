@@ -5,7 +5,8 @@ Two tiny timm-built encoders (mu size, patch 4, 16 px): a DINOv2-style one with 
 LayerScale saved as a flat timm state dict, and an I-JEPA checkpoint without CLS token
 ({"encoder", "target_encoder"} with `module.` keys). Each runs 2 steps of stage 2 and 2 of stage 3
 with its heads' pooling (`cls` + `registers`; `mean_patch`), stage 3 with the k-NN monitor on the
-same poolings; the export is the timm layout (the official .th cannot hold registers or a missing CLS).
+same poolings; the export is the timm layout (the official .th cannot hold registers or a
+missing CLS).
 """
 
 import functools
@@ -28,7 +29,8 @@ from tests.test_train import CONFIG, ROOT
 
 def _timm(**kwargs):
   return VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2,
-                           num_classes=0, norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6),
+                           num_classes=0,
+                           norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6),
                            **kwargs)
 
 

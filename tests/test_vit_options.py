@@ -42,7 +42,8 @@ CASES = {
 def make_timm(kwargs, img_size):
   kw = dict(dict(qkv_bias=True, class_token=True, global_pool="token"), **kwargs)
   return VisionTransformer(img_size=img_size, embed_dim=WIDTH, depth=DEPTH, num_heads=HEADS,
-                           num_classes=0, norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6),
+                           num_classes=0,
+                           norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6),
                            **kw).eval()
 
 

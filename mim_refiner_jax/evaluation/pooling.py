@@ -31,7 +31,8 @@ import jax.numpy as jnp
 
 POOLINGS = ("cls", "patch_mean", "cls_patch_mean", "patch_tokens", "registers")
 _KEY = re.compile(r"(?:(block)(\d+)_|(last)(\d+)_)?(" + "|".join(POOLINGS) + r")")
-_HELP = ("use [block{i}_|last{n}_](cls|patch_mean|cls_patch_mean|patch_tokens|registers), e.g. 'cls', "
+_HELP = ("use [block{i}_|last{n}_](cls|patch_mean|cls_patch_mean|patch_tokens|registers), e.g. "
+         "'cls', "
          "'block11_cls', 'last4_cls', 'cls_patch_mean', 'block11_patch_tokens'")
 
 

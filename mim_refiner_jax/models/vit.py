@@ -164,7 +164,8 @@ class Attention(nn.Module):
     b, t, d = x.shape
     nq = t if num_queries is None else num_queries
     if self.impl == "einsum":
-      q, k, v = _HeadsLinear(self.num_heads, "qkv", self.dtype, self.qkv_bias, name="qkv")(x)  # [B, H, T, dh]
+      q, k, v = _HeadsLinear(self.num_heads, "qkv", self.dtype, self.qkv_bias,
+                             name="qkv")(x)  # [B, H, T, dh]
       q = q[:, :, :nq]
       scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
       logits = jnp.einsum("bhqk,bhsk->bhqs", q * scale, k, preferred_element_type=jnp.float32)
@@ -175,7 +176,8 @@ class Attention(nn.Module):
       raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {self.impl!r}")
     dense = functools.partial(nn.Dense, dtype=self.dtype,
                               kernel_init=nn.initializers.xavier_uniform())
-    qkv = dense(3 * d, use_bias=self.qkv_bias, name="qkv")(x).reshape(b, t, 3, self.num_heads, d // self.num_heads)
+    qkv = dense(3 * d, use_bias=self.qkv_bias, name="qkv")(x)
+    qkv = qkv.reshape(b, t, 3, self.num_heads, d // self.num_heads)
     out = jax.nn.dot_product_attention(
         qkv[:, :nq, 0], qkv[:, :, 1], qkv[:, :, 2],
         implementation="cudnn" if self.impl == "cudnn" else None)
@@ -238,7 +240,8 @@ class Block(nn.Module):
     rows = x[:, :1] if self.cls_only else x
     if self.prenorm:  # x + ls1(Attn(LN x)), x + ls2(MLP(LN x))  (timm Block)
       if self.init_values:
-        ls1, ls2 = LayerScale(self.init_values, name="ls1"), LayerScale(self.init_values, name="ls2")
+        ls1 = LayerScale(self.init_values, name="ls1")
+        ls2 = LayerScale(self.init_values, name="ls2")
       else:
         ls1 = ls2 = lambda y: y
       x = rows + ls1(attn(norm1(x), nq))
@@ -255,7 +258,9 @@ class ViT(nn.Module):
     width, depth, num_heads, mlp_ratio: transformer size (see `SIZES`).
     prenorm: True for the MAE family (final `norm`), False for data2vec 2.0 (`embed_norm` before
       block 0, post-norm blocks, no final norm).
-    pos_grid: side of the stored position table (14 for L/16 at 224 px, 16 for H/14 and 2B/14).
+    pos_grid: side of the stored position table (14 for L/16 at 224 px, 16 for H/14 and 2B/14;
+      37 for DINOv2's 518 px files), or (h, w). Any image size divisible by the patch size runs:
+      the table is resized to its grid.
     dtype: compute dtype of convolutions, linears and attention. Parameters, LayerNorms, the
       position table and the residual stream stay fp32, matching torch bf16 autocast.
     remat: rematerialise each block in the backward pass (saves activation memory for 2B).
