@@ -162,19 +162,25 @@ def test_evaluation_poolings_follow_the_token_layout():
   vit = ViT(patch_size=8, width=WIDTH, depth=DEPTH, num_heads=HEADS, pos_grid=4, reg_tokens=2,
             class_token=False, global_pool="avg")
   images = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
-  variables = vit.init(jax.random.key(0), images)
+  variables = jax.jit(vit.init)(jax.random.key(0), images)
   keys = ("block1_registers", "block0_patch_mean", "patch_mean", "registers")
-  out, aux = vit.apply(variables, images, blocks=(0, 1))
-  plain = features.select_features(out, aux, keys, DEPTH)
-  raw_out, raw_aux = features.encoder_apply_fn(vit, keys)(variables, images)
-  raw = features.select_features(raw_out, raw_aux, keys, DEPTH)
+  raw_fn = features.encoder_apply_fn(vit, keys)
+
+  @jax.jit
+  def both(variables, images):
+    out, aux = vit.apply(variables, images, blocks=(0, 1))
+    raw_out, raw_aux = raw_fn(variables, images)
+    return (aux, features.select_features(out, aux, keys, DEPTH), raw_aux["block_tokens"],
+            features.select_features(raw_out, raw_aux, keys, DEPTH))
+
+  aux, plain, raw_tokens, raw = both(variables, images)
   expected = {"block1_registers": aux["block_registers"][1],
               "block0_patch_mean": aux["block_patch_mean"][0],
               "patch_mean": aux["patch_mean"], "registers": aux["registers"]}
   for key in keys:
     np.testing.assert_allclose(plain[key], expected[key], atol=1e-6)
     np.testing.assert_allclose(raw[key], expected[key], atol=1e-6)
-  np.testing.assert_allclose(aux["block_registers"][1], raw_aux["block_tokens"][1][:, :2].mean(1),
-                             atol=1e-6)
+  np.testing.assert_allclose(aux["block_registers"][1], raw_tokens[1][:, :2].mean(1), atol=1e-6)
   with pytest.raises(ValueError, match="without a CLS token.*use 'patch_mean'"):
-    features.select_features(raw_out, raw_aux, ("block1_cls",), DEPTH)
+    jax.eval_shape(lambda v, x: features.select_features(*raw_fn(v, x), ("block1_cls",), DEPTH),
+                   variables, images)
