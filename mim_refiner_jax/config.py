@@ -54,7 +54,9 @@ class HeadSpec:
   name: str
   block: int | str  # block index (raw residual stream of blocks[i]) or "main" (main output)
   temperature: float
-  pooling: str = "cls"  # "cls" or "mean" (mean of the patch tokens; CrossMAE's "avg")
+  # "cls", "patch_mean" (mean of the patch tokens: CrossMAE's "avg", the pooling of encoders
+  # without CLS token) or "registers" (mean of the register tokens): models/vit.py POOLINGS.
+  pooling: str = "cls"
 
 
 def head_spec(name: str) -> HeadSpec:
@@ -67,12 +69,36 @@ def head_spec(name: str) -> HeadSpec:
   digits, pool, block = match.groups()
   temperature = float("0." + digits)  # temp02 -> 0.2, temp0325 -> 0.325 (section 2)
   return HeadSpec(name, int(block) if block else "main", temperature,
-                  "cls" if pool == "cls" else "mean")
+                  "cls" if pool == "cls" else "patch_mean")
 
 
-def head_names(temperature: str, blocks) -> list[str]:
-  """`head_names("02", ["", 22, 21])` -> nnclr_temp02_cls, nnclr_temp02_cls22, ..."""
-  return [f"nnclr_temp{temperature}_cls{b}" for b in blocks]
+# config.heads.pooling names: the ViT's poolings, and the issue tracker's spelling of the mean.
+HEAD_POOLINGS = {"cls": "cls", "patch_mean": "patch_mean", "mean_patch": "patch_mean",
+                 "registers": "registers"}
+
+
+def head_specs(names: str, pooling: str = "") -> list[HeadSpec]:
+  """Head specs of `config.heads.names`; `pooling` ("" = each name's cls/avg; one pooling for
+  every head; or one per head, comma-separated) replaces the names' pooling."""
+  specs = [head_spec(n) for n in names.split(",")]
+  if not pooling:
+    return specs
+  given = pooling.split(",")
+  if len(given) not in (1, len(specs)):
+    raise UserError(f"config.heads.pooling={pooling!r} has {len(given)} entries for "
+                    f"{len(specs)} heads: give one pooling for all heads or one per head")
+  unknown = [p for p in given if p not in HEAD_POOLINGS]
+  if unknown:
+    raise UserError(f"config.heads.pooling: unknown pooling {unknown[0]!r}; choose from "
+                    f"{', '.join(HEAD_POOLINGS)}")
+  given = given * len(specs) if len(given) == 1 else given
+  return [dataclasses.replace(s, pooling=HEAD_POOLINGS[p]) for s, p in zip(specs, given)]
+
+
+def head_names(temperature: str, blocks, pool: str = "cls") -> list[str]:
+  """`head_names("02", ["", 22, 21])` -> nnclr_temp02_cls, nnclr_temp02_cls22, ...; pool "avg":
+  the mean of the patch tokens (encoders without CLS token)."""
+  return [f"nnclr_temp{temperature}_{pool}{b}" for b in blocks]
 
 
 def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
@@ -192,3 +218,78 @@ def absl_flags_parser(argv: list[str]) -> list[str]:
       traceback.print_exc()
     errors.print_error(describe_command_line_error(argv, e))
     sys.exit(errors.USER_ERROR_EXIT_CODE)
+
+
+# ----------------------------------------------------------------------------------------------
+# Heads, queue and crop sizes against the model, before anything compiles (one line each).
+# ----------------------------------------------------------------------------------------------
+
+
+def crop_sizes_for_patch(patch_size: int) -> tuple[int, int]:
+  """(global, local) view sides for a patch size: the multiples of it nearest 224 and 96, the
+  reference maintainer's rule (ml-jku/MIM-Refiner issues #6, #7): 224/96 for patch 16 and 8,
+  224/98 for patch 14."""
+  return (max(1, round(224 / patch_size)) * patch_size,
+          max(1, round(96 / patch_size)) * patch_size)
+
+
+def resolve_crop_sizes(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of `config` with data.global_size / data.local_size = 0 derived from
+  config.model.patch_size (the caller's config is untouched when nothing is derived)."""
+  d, patch = config.data, config.model.get("patch_size", 0)
+  if d.global_size and d.local_size:
+    return config
+  if not patch:
+    raise UserError("config.data.global_size / local_size = 0 derive the crop sizes from the "
+                    "patch size, but config.model.patch_size is 0 too: set the patch size "
+                    "(e.g. --config.model.patch_size=14) or the crop sizes")
+  config = ml_collections.ConfigDict(config.to_dict())
+  global_size, local_size = crop_sizes_for_patch(patch)
+  config.data.global_size = d.global_size or global_size
+  config.data.local_size = d.local_size or local_size
+  config.lock()
+  return config
+
+
+def check_queue(config) -> None:
+  if config.queue.size < config.batch_size:
+    raise UserError(f"config.queue.size={config.queue.size} is smaller than the global batch "
+                    f"(config.batch_size={config.batch_size}): each step enqueues the whole batch;"
+                    f" raise config.queue.size to at least {config.batch_size}")
+
+
+def check_model_fit(config, vit_kwargs: dict) -> None:
+  """Heads and crop sizes against the encoder the weights hold (one UserError line each)."""
+  depth, patch = vit_kwargs["depth"], vit_kwargs["patch_size"]
+  has_cls = vit_kwargs.get("class_token", True)
+  from mim_refiner_jax.models.vit import OPTION_DEFAULTS  # pylint: disable=g-import-not-at-top
+  for key, want in dict(config.model.get("vit_options", {})).items():
+    if key not in OPTION_DEFAULTS:
+      raise UserError(f"config.model.vit_options: unknown option {key!r}; known: "
+                      f"{sorted(OPTION_DEFAULTS)}")
+    have = vit_kwargs.get(key, OPTION_DEFAULTS[key])
+    if key == "init_values":  # a file only shows whether LayerScale is there
+      want, have = bool(want), bool(have)
+    if key != "no_embed_class" and want != have:
+      raise UserError(f"config.model.vit_options.{key}={want!r} but the weights have "
+                      f"{key}={have!r}: fix config.model.vit_options (or remove the entry)")
+  for spec in head_specs(config.heads.names, config.heads.get("pooling", "")):
+    if spec.block != "main" and not 0 <= spec.block < depth:
+      raise UserError(f"config.heads.names: head {spec.name} reads block {spec.block}, but the "
+                      f"encoder has {depth} blocks (0..{depth - 1}): fix the head name")
+    if spec.pooling == "cls" and not has_cls:
+      raise UserError(f"config.heads: head {spec.name} pools the CLS token, but the encoder has "
+                      "none (class_token=False, e.g. I-JEPA): set --config.heads.pooling="
+                      "mean_patch (or nnclr_temp.._avg<block> head names)")
+    if spec.pooling == "registers" and not vit_kwargs.get("reg_tokens", 0):
+      raise UserError(f"config.heads: head {spec.name} pools register tokens, but the encoder "
+                      "has none: choose cls or mean_patch")
+  for field in ("global_size", "local_size"):
+    size = config.data[field]
+    if field == "local_size" and not config.data.num_local:
+      continue
+    if size % patch:
+      below, above = size // patch * patch, (size // patch + 1) * patch
+      raise UserError(f"config.data.{field}={size} is not a multiple of the patch size {patch}: "
+                      f"use {below or above} or {above} (or 0 to derive it: "
+                      f"{dict(zip(('global', 'local'), crop_sizes_for_patch(patch)))})")

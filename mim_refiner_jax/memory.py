@@ -80,7 +80,7 @@ def vit_kwargs_for(config) -> dict:
   m = config.model
   size = dict(vit_lib.SIZES[m.size]) if m.size else dict(DEMO_VIT)
   return dict(size, patch_size=m.patch_size, mlp_ratio=4.0, prenorm=m.prenorm,
-              pos_grid=m.image_size // m.patch_size)
+              pos_grid=m.image_size // m.patch_size, **m.get("vit_options", {}))
 
 
 def tpu_topology_name(generation: str, chips: int) -> str | None:

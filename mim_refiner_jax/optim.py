@@ -35,11 +35,13 @@ from mim_refiner_jax import sharding as sharding_lib
 
 # Parameter groups for layer-wise LR decay (section 7 table). Exactly one rule must match each path.
 # Stem: the reference's prefixes patch_embed, cls_token, pos_embed, embed_norm and the name
-# mask_token (pos_embed is a buffer here, so it is not listed).
+# mask_token (pos_embed is a buffer here, so it is not listed). Register tokens (timm reg_token)
+# are prefix tokens like CLS: stem, frozen with it, no decay; timm's fc_norm is the final norm.
 _GROUP_RULES = (
-    ("stem", re.compile(r"^encoder/(patch_embed|cls_token|embed_norm|mask_token)(/.+)?$")),
+    ("stem",
+     re.compile(r"^encoder/(patch_embed|cls_token|reg_token|embed_norm|mask_token)(/.+)?$")),
     ("block", re.compile(r"^encoder/blocks_(\d+)/.+$")),
-    ("final_norm", re.compile(r"^encoder/norm/(scale|bias)$")),
+    ("final_norm", re.compile(r"^encoder/(fc_)?norm/(scale|bias)$")),
     # Heads: Dense kernels (no bias) and BatchNorm scale/bias; names, not module names, decide.
     ("head", re.compile(r"^heads/.+/(kernel|bias|scale)$")),
 )
@@ -107,8 +109,8 @@ def _match_group(path: str) -> tuple[str, re.Match]:
             "params.")
   raise ValueError(
       f"no optimizer rule covers parameter {path!r}.{hint} Known parameters: encoder/"
-      "{patch_embed,cls_token,embed_norm,mask_token}..., encoder/blocks_<i>/..., "
-      "encoder/norm/{scale,bias}, heads/<name>/.../{kernel,bias,scale}. Add a rule to "
+      "{patch_embed,cls_token,reg_token,embed_norm,mask_token}..., encoder/blocks_<i>/..., "
+      "encoder/{norm,fc_norm}/{scale,bias}, heads/<name>/.../{kernel,bias,scale}. Add a rule to "
       "mim_refiner_jax/optim.py (_GROUP_RULES) for new parameters.")
 
 
@@ -162,7 +164,8 @@ class _Rules:
     frozen = is_encoder and bool(
         self.freeze_encoder
         or (self.frozen_blocks > 0 and 1 <= lid <= self.frozen_blocks)
-        or (self.frozen_blocks > 0 and re.match(r"^encoder/(patch_embed|cls_token)(/|$)", path)))
+        or (self.frozen_blocks > 0
+            and re.match(r"^encoder/(patch_embed|cls_token|reg_token)(/|$)", path)))
     if frozen:  # never updated, never decayed
       return 0.0, 0.0, False
     scale = 1.0
@@ -171,7 +174,7 @@ class _Rules:
     # No decay on biases, ndim <= 1 params (LN/BN scales) and the CLS token; the patch conv kernel
     # and mask_token are decayed (section 7, "Weight decay").
     name = path.rsplit("/", 1)[-1]
-    if name == "bias" or ndim <= 1 or path == "encoder/cls_token":
+    if name == "bias" or ndim <= 1 or path in ("encoder/cls_token", "encoder/reg_token"):
       wd = 0.0
     else:
       wd = self.encoder_wd if is_encoder else self.head_wd

@@ -13,11 +13,12 @@ def refinement_config(*, stage: int, vit_size: str, patch_size: int, prenorm: bo
                       heads: list[str], batch_size: int, epochs: int, local_size: int,
                       pretrained: str, stage2_workdir: str, frozen_blocks: int = 0,
                       remat: bool = False, sharding_rules: str = "replicate",
-                      ) -> ml_collections.ConfigDict:
+                      vit_options: dict | None = None, heads_pooling: str = "",
+                      global_size: int = 224) -> ml_collections.ConfigDict:
   """Stage 2 (heads on a frozen encoder, top-1 NN) or stage 3 (everything, top-20 NN)."""
   if stage not in (2, 3):
     raise ValueError(f"stage must be 2 or 3, got {stage}")
-  depth = {"large": 24, "huge": 32, "twob": 24}[vit_size]
+  depth = {"small": 12, "base": 12, "large": 24, "huge": 32, "twob": 24}[vit_size]
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.stage = stage
@@ -27,7 +28,10 @@ def refinement_config(*, stage: int, vit_size: str, patch_size: int, prenorm: bo
   # num_heads: 0 = from the file or the size table; set it for a timm/MAE file whose width is
   # not a known size (timm/MAE state dicts from elsewhere do not record it).
   c.model = dict(size=vit_size, patch_size=patch_size, prenorm=prenorm, image_size=224,
-                 compute_dtype="bfloat16", head_dtype="bfloat16", remat=remat, num_heads=0)
+                 compute_dtype="bfloat16", head_dtype="bfloat16", remat=remat, num_heads=0,
+                 # timm options the weights must have (models/vit.py; checked against the file,
+                 # used by the memory planner), e.g. dict(reg_tokens=4, init_values=1e-5).
+                 vit_options=dict(vit_options or {}))
   # Stage 2 starts from converted pre-trained weights (any format tools/convert_weights.py reads);
   # stage 3 from the last checkpoint of a stage-2 workdir: encoder, heads, BN stats and queues.
   c.init = dict(pretrained=pretrained if stage == 2 else "",
@@ -35,8 +39,10 @@ def refinement_config(*, stage: int, vit_size: str, patch_size: int, prenorm: bo
 
   # ID heads (sections 2, 4): reference names nnclr_temp{T}_cls{block}; "cls" = main output.
   # norm: the heads' BN statistics; sync_batch is the reference's SyncBN (models/heads.py).
+  # pooling: "" = each name's (cls / avg); or cls, mean_patch, registers for all heads (or one
+  # per head, comma-separated): mean_patch for encoders without CLS token (I-JEPA).
   c.heads = dict(names=",".join(heads), proj_hidden=2048, pred_hidden=4096, out_dim=256,
-                 norm="sync_batch")
+                 norm="sync_batch", pooling=heads_pooling)
   c.queue = dict(size=65536, topk=1 if stage == 2 else 20, similarity_dtype="bfloat16")
   c.loss = dict(local_view_indexing="reference")  # the official quirk (section 6)
 
@@ -54,7 +60,7 @@ def refinement_config(*, stage: int, vit_size: str, patch_size: int, prenorm: bo
   c.data = dict(
       train="tfds:imagenet2012:train",
       num_train_examples=0,  # 0: the length of the source (1,281,167 for ImageNet-1k)
-      global_size=224, local_size=local_size, num_local=10, color_augs=True,
+      global_size=global_size, local_size=local_size, num_local=10, color_augs=True,
       worker_count=8, fail_fast=False)
   # k-NN monitor (section 10.1). "auto" follows data.train: for tfds ImageNet the 10% train subset
   # and the validation split (same data_dir), for an image folder .../train the folder itself and

@@ -50,6 +50,7 @@ from mim_refiner_jax import sharding as sharding_lib
 from mim_refiner_jax import state as state_lib
 from mim_refiner_jax import train_step as train_step_lib
 from mim_refiner_jax.convert import checkpoints as convert_lib
+from mim_refiner_jax.convert import mapping as convert_mapping
 from mim_refiner_jax.data import loader as loader_lib
 from mim_refiner_jax.data import sources as sources_lib
 from mim_refiner_jax.evaluation import monitor as monitor_lib
@@ -135,8 +136,8 @@ def validate_config(config: ml_collections.ConfigDict):
   if config.queue.size % jax.device_count():
     raise errors.UserError(f"config.queue.size={config.queue.size} must divide by the number of "
                            f"devices ({jax.device_count()}): the queue is split over all of them")
-  for name in config.heads.names.split(","):
-    config_lib.head_spec(name)  # raises a clear error for a malformed name
+  head_specs(config)  # a malformed head name or pooling: one line
+  config_lib.check_queue(config)
   from mim_refiner_jax.evaluation import suite  # pylint: disable=g-import-not-at-top
   unknown = [p for p in final_protocols(config) if p not in suite.PROTOCOLS]
   if unknown:
@@ -175,7 +176,7 @@ def resolve_eval_sources(config: ml_collections.ConfigDict) -> ml_collections.Co
 
 
 def head_specs(config) -> list[config_lib.HeadSpec]:
-  return [config_lib.head_spec(n) for n in config.heads.names.split(",")]
+  return config_lib.head_specs(config.heads.names, config.heads.get("pooling", ""))
 
 
 # ------------------------------------------------------------------------------- model, optimizer
@@ -308,6 +309,8 @@ def load_pretrained(path: str, num_heads: int | None = None,
     first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
     while first_line.startswith(f"{path}: "):  # the readers' messages lead with the path already
       first_line = first_line[len(path) + 2:]
+    if isinstance(e, convert_mapping.ArchitectureMismatch):  # readable: the line names the fix
+      raise errors.UserError(f"{setting}={path}: {first_line}") from None
     raise errors.UserError(f"{setting}={path} cannot be read: {first_line}; point it at a "
                            "checkpoint tools/convert_weights.py reads") from None
 
@@ -319,7 +322,7 @@ def load_pretrained(path: str, num_heads: int | None = None,
 # (check_architecture), since "" there means "whatever the weights are".
 HEAD_FIELDS = ("heads.proj_hidden", "heads.pred_hidden", "heads.out_dim", "heads.norm",
                "queue.size")
-STATE_FIELDS = ("stage", "heads.names", "optim.frozen_blocks") + HEAD_FIELDS
+STATE_FIELDS = ("stage", "heads.names", "heads.pooling", "optim.frozen_blocks") + HEAD_FIELDS
 ORDER_FIELDS = ("seed", "batch_size")
 
 
@@ -461,7 +464,7 @@ class WorkdirGuard:
 def train(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None = None):
   """Runs (or resumes) one stage in `workdir`; returns `(state, last metrics fetched)`."""
   validate_config(config)
-  config = resolve_eval_sources(config)
+  config = resolve_eval_sources(config_lib.resolve_crop_sizes(config))
   workdir = os.fspath(workdir)  # gs://... stays a URL: never a local folder named after one
   workdir_existed = paths.as_path(workdir).is_dir()
   # Before anything is read or compiled: one line naming a workdir that cannot be written.
@@ -523,6 +526,7 @@ def _train(config, workdir: str, stop_after: int | None, guard: WorkdirGuard):
   check_architecture(config, vit_kwargs, f"the run in {workdir}" if resume_step is not None
                      else config.init.pretrained if s2_state is None
                      else f"the stage-2 workdir {config.init.stage2_workdir}")
+  config_lib.check_model_fit(config, vit_kwargs)  # heads, crop sizes: before anything compiles
   model = build_model(config, vit_kwargs)
   depth = model.encoder.depth
   tx, lr_fn, total_steps = build_optimizer(config, param_shapes(config, model, key), steps_per_ep,
@@ -727,9 +731,13 @@ def export(state, vit_kwargs: dict, workdir: str, is_main: bool):
     paths.as_path(out).rmtree()
   multihost_utils.sync_global_devices("export")
   convert_lib.save_flax(paths.join(out, "encoder_flax"), variables, vit_kwargs)  # all processes
-  if is_main:
-    convert_lib.save_torch(paths.join(out, "encoder_refined.th"), variables, vit_kwargs,
-                           layout="refined")
+  if is_main:  # the official layout where it can hold the model (registers etc.: timm's)
+    if convert_mapping.layout_refusal("refined", vit_kwargs) is None:
+      convert_lib.save_torch(paths.join(out, "encoder_refined.th"), variables, vit_kwargs,
+                             layout="refined")
+    else:
+      convert_lib.save_torch(paths.join(out, "encoder_timm.pth"), variables, vit_kwargs,
+                             layout="timm")
   log("exported the %s encoder to %s", "EMA" if "ema" in state else "trained", out)
 
 

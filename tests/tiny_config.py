@@ -16,8 +16,8 @@ def get_config(arg=None):
   c.model = dict(size="mu", patch_size=4, prenorm=True, image_size=16,
                  compute_dtype="float32", head_dtype="float32", remat=False)
   c.init = dict(pretrained="", stage2_workdir="")
-  c.heads = dict(names="nnclr_temp02_cls,nnclr_temp02_cls0", proj_hidden=32, pred_hidden=32,
-                 out_dim=16)
+  c.heads = dict(names="nnclr_temp02_cls,nnclr_temp02_cls0", pooling="", proj_hidden=32,
+                 pred_hidden=32, out_dim=16)
   c.queue = dict(size=64, topk=1 if args.stage == 2 else 3, similarity_dtype="float32")
   c.loss = dict(local_view_indexing="reference")
   c.batch_size = 16

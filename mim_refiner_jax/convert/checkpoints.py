@@ -66,11 +66,21 @@ def _leaves(tree):
     yield tree
 
 
-def _unwrap(obj, path: str):
-  """Follows the reference container order; returns (flat state dict, containers, top level)."""
+IJEPA_ENCODERS = ("target_encoder", "encoder")
+
+
+def _unwrap(obj, path: str, ijepa_encoder: str = "target_encoder"):
+  """Follows the reference container order; returns (flat state dict, containers, top level).
+
+  An I-JEPA checkpoint ({"encoder", "predictor", "target_encoder", "opt", ...}, src/train.py)
+  gives `ijepa_encoder` (the EMA target encoder by default, as I-JEPA evaluates)."""
   top, containers = obj, []
   if not isinstance(obj, dict):
     raise ValueError(f"{path}: the checkpoint holds a {type(obj).__name__}, not a dict of tensors")
+  if all(isinstance(obj.get(k), dict) for k in IJEPA_ENCODERS):
+    if ijepa_encoder not in IJEPA_ENCODERS:
+      raise ValueError(f"ijepa_encoder={ijepa_encoder!r}: choose one of {IJEPA_ENCODERS}")
+    return obj[ijepa_encoder], [ijepa_encoder], top
   for key in UNWRAP_ORDER:
     if isinstance(obj.get(key), dict):
       obj, containers = obj[key], containers + [key]
@@ -88,6 +98,10 @@ def _format_name(kind: str, containers: list, naming: str) -> str:
     return "mae"
   if naming == "timm" and not containers:
     return "timm"  # flat timm VisionTransformer dict, the MAWS layout
+  if naming == "dinov2" and not containers:
+    return "dinov2"  # DINOv2 hub file
+  if naming == "timm" and containers[-1:] in (["target_encoder"], ["encoder"]):
+    return "ijepa"
   return f"{'/'.join(containers) or 'flat'}:{naming}"
 
 
@@ -103,14 +117,31 @@ def fairseq_model_kwargs(cfg) -> dict | None:
   return {"num_heads": model.get("num_heads"), "patch_size": patch}
 
 
+# The layout `save_torch` writes to give a file back in the layout it came from.
+EXPORT_LAYOUT = {"mae": "mae", "timm": "timm", "dinov2": "dinov2", "ijepa": "ijepa",
+                 "refined": "refined", "safetensors": "safetensors"}
+
+
+def detect(path, **overrides) -> dict:
+  """What a checkpoint holds, for tools that pick a config from a file: {"family" ("prenorm" /
+  "postnorm"), "vit_kwargs" (ViT(**vit_kwargs) with the timm options it has), "format", "size",
+  "layout" (save_torch's layout that writes it back; None for fairseq / Flax), "path"}.
+  `overrides`: load_pretrained's (family, size, patch_size, num_heads, ijepa_encoder)."""
+  pre = load_pretrained(path, **overrides)
+  return dict(family=pre.info["family"], vit_kwargs=pre.vit_kwargs, format=pre.info["format"],
+              size=pre.info["size"], layout=EXPORT_LAYOUT.get(pre.info["format"]),
+              path=pre.info["path"])
+
+
 def load_pretrained(path, *, family=None, size=None, patch_size=None, prenorm=None,
-                    num_heads=None) -> Pretrained:
+                    num_heads=None, ijepa_encoder="target_encoder") -> Pretrained:
   """Reads and converts any supported checkpoint (see module docstring).
 
   Overrides (None = detect): family ('prenorm'/'postnorm' or mae, maws, dbot, crossmae, d2v2,
   data2vec2), prenorm (bool), size (a `models.vit.SIZES` name; sets num_heads), patch_size,
   num_heads (heads cannot be read from weights: taken from the override, the file's
-  ctor_kwargs/metadata, or a known width).
+  ctor_kwargs/metadata, or a known width), ijepa_encoder ("target_encoder" or "encoder" of an
+  I-JEPA checkpoint).
   """
   path = os.fspath(path)  # (local paths as given: messages name them as the user wrote them)
   if paths.is_remote(path):  # gs://...: a Flax directory is read in place, a file from a copy
@@ -128,7 +159,7 @@ def load_pretrained(path, *, family=None, size=None, patch_size=None, prenorm=No
 def _load_file(path, family, size, patch_size, prenorm, num_heads) -> Pretrained:
   kind = torch_files.sniff(path)
   obj = torch_files.load(path)
-  sd, containers, top = _unwrap(obj, path)
+  sd, containers, top = _unwrap(obj, path, ijepa_encoder)
   file_kwargs, hint = None, False
   if kind == "safetensors":
     meta = top.get("__metadata__", {})
@@ -152,7 +183,7 @@ def _load_file(path, family, size, patch_size, prenorm, num_heads) -> Pretrained
         sd, family=family, size=size, patch_size=patch_size, prenorm=prenorm, num_heads=num_heads,
         ctor_kwargs=file_kwargs, postnorm_hint=hint)
   except ValueError as e:
-    raise ValueError(f"{path}: {e}") from None
+    raise type(e)(f"{path}: {e}") from None
   info = dict(format=_format_name(kind, containers, info["naming"]), containers=containers,
               path=path, file_kind=kind, **info)
   other = sorted(str(k) for k in top if k not in containers[:1] and k != "__metadata__")
@@ -162,7 +193,7 @@ def _load_file(path, family, size, patch_size, prenorm, num_heads) -> Pretrained
 
 
 # --------------------------------------------------------------------- torch / safetensors out
-TORCH_LAYOUTS = ("refined", "timm", "mae", "safetensors")
+TORCH_LAYOUTS = ("refined", "timm", "mae", "dinov2", "ijepa", "safetensors")
 TORCH_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 
 
@@ -174,6 +205,8 @@ def save_torch(path, variables, vit_kwargs: dict, layout: str = "refined",
     (loads strictly into hub `PrenormVit` / `PostnormVit`, kappamodules blocks);
   "timm": a flat timm VisionTransformer(num_classes=0) state dict, pre-norm only (MAWS layout);
   "mae": {"model": the timm state dict}, as facebookresearch/mae releases (section 3.1);
+  "dinov2": a DINOv2 hub state dict; "ijepa": {"encoder", "target_encoder"} with `module.` keys,
+    as I-JEPA's train.py saves (mapping.to_torch_state_dict says which options each can hold);
   "safetensors": refined naming, written with safetensors.numpy; the metadata holds
     {"format": "mim_refiner_jax", "layout": "refined", "vit_kwargs": JSON}.
   dtype: float32, float16 or bfloat16 (round to nearest even, as torch's `.half()/.bfloat16()`).
@@ -205,6 +238,9 @@ def _save_torch_file(path: str, sd: dict, vit_kwargs: dict, layout: str):
                                       "vit_kwargs": vit_kwargs}).encode()}
   if layout == "refined":
     obj = {"state_dict": sd, "ctor_kwargs": mapping.ctor_kwargs(vit_kwargs)}
+  elif layout == "ijepa":  # I-JEPA's train.py saves DDP modules; both encoders, same weights
+    encoder = {f"module.{k}": v for k, v in sd.items()}
+    obj = {"encoder": encoder, "target_encoder": dict(encoder)}
   else:
     obj = {"model": sd} if layout == "mae" else sd
   torch_writer.save(obj, path, extra_records=record)

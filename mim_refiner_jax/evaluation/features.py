@@ -43,6 +43,11 @@ def feature_blocks(feature_keys: Sequence[str], depth: int | None = None) -> tup
 
 
 @functools.lru_cache(maxsize=32)
+def token_layout(encoder) -> tuple[int, int]:
+  """(CLS count, register count) of a ViT's tokens (pooling.pool's `layout`)."""
+  return int(getattr(encoder, "class_token", True)), int(getattr(encoder, "reg_tokens", 0))
+
+
 def encoder_apply_fn(encoder, feature_keys: tuple[str, ...]):
   """`(variables, images) -> (out, aux)` with aux["block_tokens"] = {i: [B, 1+T, D]} for the
   blocks the keys read, captured from the ViT's blocks (jit drops every other intermediate)."""
@@ -54,7 +59,8 @@ def encoder_apply_fn(encoder, feature_keys: tuple[str, ...]):
         variables, images, blocks=blocks, mutable=["intermediates"],
         capture_intermediates=lambda module, method: method == "__call__" and module.name in names)
     captured = state["intermediates"]
-    return out, dict(aux, block_tokens={i: captured[n]["__call__"][0] for n, i in names.items()})
+    return out, dict(aux, block_tokens={i: captured[n]["__call__"][0] for n, i in names.items()},
+                     token_layout=token_layout(encoder))
 
   return apply
 
@@ -66,12 +72,17 @@ def select_features(out, aux: dict, feature_keys: Sequence[str], depth: int | No
   extra = {k: aux["extra"][k].astype(jnp.float32) for k in feature_keys
            if k.startswith(EXTRA_PREFIX)}
   feature_keys = [k for k in feature_keys if not k.startswith(EXTRA_PREFIX)]
+  main_pooled = {k: aux[k] for k in pooling.POOLINGS if k in aux}
   if "block_tokens" in aux:
-    block_tokens = aux["block_tokens"]
-  else:  # plain ViT.apply: CLS and mean patch per block only. [B, 2, D] pseudo tokens whose
-    # "patch mean" is the block's mean patch token serve cls / patch_mean / cls_patch_mean.
-    block_tokens = {i: jnp.stack([aux["block_cls"][i], aux["block_patch_mean"][i]], axis=1)
-                    for i in aux.get("block_cls", {})}
+    block_tokens, layout = aux["block_tokens"], aux.get("token_layout", (1, 0))
+  else:  # plain ViT.apply: pooled tokens per block only. [B, c + r + 1, D] pseudo tokens
+    # (CLS?, mean register?, mean patch) serve cls / patch_mean / cls_patch_mean / registers.
+    block_tokens = {}
+    for i in aux.get("block_patch_mean", {}):
+      rows = [aux[f"block_{p}"][i] for p in ("cls", "registers", "patch_mean")
+              if i in aux.get(f"block_{p}", {})]
+      block_tokens[i] = jnp.stack(rows, axis=1)
+    layout = (int(bool(aux.get("block_cls"))), int("block_registers" in aux))
     for key in feature_keys:
       pool_name, blocks = pooling.parse_key(key, depth)
       missing = [i for i in blocks or () if i not in block_tokens]
@@ -82,7 +93,8 @@ def select_features(out, aux: dict, feature_keys: Sequence[str], depth: int | No
       if blocks is not None and pool_name == "patch_tokens":
         raise ValueError(f"feature key {key!r} needs the block's tokens: build apply_fn with "
                          "features.encoder_apply_fn(encoder, keys)")
-  return {**pooling.pooled_features(feature_keys, out, block_tokens, depth), **extra}
+  return {**pooling.pooled_features(feature_keys, out, block_tokens, depth, layout, main_pooled),
+          **extra}
 
 
 @functools.lru_cache(maxsize=16)

@@ -18,14 +18,13 @@ from mim_refiner_jax.data import sources as sources_lib
 from mim_refiner_jax.evaluation import dataset_features as dataset_lib
 from mim_refiner_jax.evaluation import features as features_lib
 from mim_refiner_jax.evaluation import knn as knn_lib
+from mim_refiner_jax.models import refiner as refiner_lib
 from mim_refiner_jax.models.heads import LinearBN
 
 
 def _head_input(aux: dict, spec):
   """The pooled encoder output a head reads (section 2; as models/refiner.py)."""
-  if spec.block == "main":
-    return aux["cls"] if spec.pooling == "cls" else aux["patch_mean"]
-  return (aux["block_cls"] if spec.pooling == "cls" else aux["block_patch_mean"])[spec.block]
+  return refiner_lib.head_input(aux, spec)
 
 
 class KnnMonitor:
@@ -50,9 +49,7 @@ class KnnMonitor:
 
   def _make_apply_fn(self):
     encoder_keys = self.keys + tuple(
-        ("cls" if h.pooling == "cls" else "patch_mean") if h.block == "main"
-        else f"block{h.block}_{'cls' if h.pooling == 'cls' else 'patch_mean'}"
-        for h in self.heads)
+        h.pooling if h.block == "main" else f"block{h.block}_{h.pooling}" for h in self.heads)
     encoder_fn = features_lib.encoder_apply_fn(self.model.encoder, tuple(encoder_keys))
     head_def = self.model.head
     projector0 = LinearBN(head_def.proj_hidden_dim, gelu=True, dtype=head_def.dtype,

@@ -13,6 +13,11 @@ A feature key is `[WHERE_]POOLING`:
            "patch_tokens"    the patch tokens themselves, for the selective-      [T, D]
                              aggregation probe (no CLS; beyond_cls_facts 1-2 read the last
                              block without the final norm: "block{depth-1}_patch_tokens")
+           "registers"       the mean of the register tokens (models with      [D]
+                             `reg_tokens`, for analysis; never part of "patch_mean")
+Tokens are laid out `[CLS?, registers, patches]` (`layout` = (CLS count, register count), models/
+vit.py); "cls" on a model without CLS token is an error naming the fix. For the main output, the
+ViT's own pooled features are used where it returns them (after timm's `fc_norm`, if any).
 For "last{n}_": "cls" concatenates n CLS tokens ("last4_cls", section 10.1), "patch_mean" n mean
 patch tokens, and "cls_patch_mean" is the reference's probe input (section 10.2): its
 `vit_block_extractor` concatenates the raw block outputs along channels ([B, T, nD],
@@ -22,15 +27,17 @@ then the mean patch token of the last block only [(n+1)D].
 "patch_tokens" cannot be concatenated over blocks.
 """
 
+import functools
 import re
 from typing import Mapping, Sequence
 
 import jax.numpy as jnp
 
-POOLINGS = ("cls", "patch_mean", "cls_patch_mean", "cls_patch_mean_dinov2", "patch_tokens")
+POOLINGS = ("cls", "patch_mean", "cls_patch_mean", "cls_patch_mean_dinov2", "patch_tokens",
+            "registers")
 _KEY = re.compile(r"(?:(block)(\d+)_|(last)(\d+)_)?(" + "|".join(POOLINGS) + r")")
-_HELP = ("use [block{i}_|last{n}_](cls|patch_mean|cls_patch_mean|patch_tokens), e.g. 'cls', "
-         "'block11_cls', 'last4_cls', 'cls_patch_mean', 'block11_patch_tokens'")
+_HELP = ("use [block{i}_|last{n}_](" + "|".join(POOLINGS) + "), e.g. 'cls', 'block11_cls', "
+         "'last4_cls', 'cls_patch_mean', 'block11_patch_tokens'")
 
 
 def parse_key(key: str, depth: int | None = None) -> tuple[str, tuple[int, ...] | None]:
@@ -65,9 +72,18 @@ def key_blocks(keys: Sequence[str], depth: int | None = None) -> tuple[int, ...]
   return tuple(sorted(blocks))
 
 
-def pool(tokens: jnp.ndarray, pooling: str) -> jnp.ndarray:
-  """`[B, 1 + T, D]` tokens (CLS first) -> the pooled features."""
-  cls, patches = tokens[:, 0], tokens[:, 1:]
+def pool(tokens: jnp.ndarray, pooling: str, layout: tuple[int, int] = (1, 0)) -> jnp.ndarray:
+  """`[B, c + r + T, D]` tokens (`layout` = (c, r): CLS count, register count) -> the pooled
+  features."""
+  c, r = layout
+  if pooling.startswith("cls") and not c:
+    raise ValueError(f"pooling {pooling!r} on a ViT without a CLS token (class_token=False): "
+                     "use 'patch_mean'")
+  if pooling == "registers":
+    if not r:
+      raise ValueError("pooling 'registers' on a ViT without register tokens")
+    return tokens[:, c:c + r].mean(axis=1)
+  cls, patches = tokens[:, 0], tokens[:, c + r:]
   if pooling == "cls":
     return cls
   if pooling == "patch_mean":
@@ -79,13 +95,27 @@ def pool(tokens: jnp.ndarray, pooling: str) -> jnp.ndarray:
   raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
 
 
+_pool_tokens = pool
+
+
 def pooled_features(keys: Sequence[str], main_tokens, block_tokens: Mapping[int, jnp.ndarray],
-                    depth: int | None = None) -> dict:
-  """{key: float32 features} from the main output and the raw outputs of the blocks keys read."""
+                    depth: int | None = None, layout: tuple[int, int] = (1, 0),
+                    main_pooled: Mapping[str, jnp.ndarray] | None = None) -> dict:
+  """{key: float32 features} from the main output and the raw outputs of the blocks keys read.
+
+  `main_pooled`: the ViT's own pooled main output ({"cls", "patch_mean", "registers"}: after
+  fc_norm where the model has one), preferred to pooling `main_tokens`."""
+  main_pooled = main_pooled or {}
+  pool = functools.partial(_pool_tokens, layout=layout)
   out = {}
   for key in keys:
     pooling, blocks = parse_key(key, depth)
-    if blocks is None:
+    if blocks is None and pooling in main_pooled:
+      out[key] = main_pooled[pooling]
+    elif blocks is None and pooling == "cls_patch_mean" and "patch_mean" in main_pooled:
+      out[key] = jnp.concatenate([main_pooled["cls"] if "cls" in main_pooled
+                                  else pool(main_tokens, "cls"), main_pooled["patch_mean"]], -1)
+    elif blocks is None:
       out[key] = pool(main_tokens, pooling)
     else:
       missing = [i for i in blocks if i not in block_tokens]

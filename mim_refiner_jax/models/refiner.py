@@ -17,7 +17,8 @@ A head reads (section 2):
   block "main": the main output (after the final LayerNorm for pre-norm ViTs, the last block for
                 post-norm ones);
   block i:      the raw residual stream of blocks[i] (0-based, no norm).
-and pools it by "cls" (first token) or "mean" (mean of the patch tokens; CrossMAE's "avg").
+and pools it by "cls" (first token), "patch_mean" (mean of the patch tokens, registers excluded;
+CrossMAE's "avg"; the pooling of encoders without CLS token) or "registers" (models/vit.py).
 
 `Refiner` is a plain Python object around two Linen modules (the ViT and one `IDHead` definition
 shared by all heads, each with its own variables), so the variables come as the dicts the train
@@ -33,7 +34,14 @@ import jax.numpy as jnp
 from mim_refiner_jax.config import HeadSpec
 from mim_refiner_jax.data.multicrop import IMAGENET_MEAN, IMAGENET_STD, normalize_table
 from mim_refiner_jax.models.heads import IDHead
-from mim_refiner_jax.models.vit import ViT
+from mim_refiner_jax.models.vit import POOLINGS, ViT
+
+
+def head_input(aux: dict, spec: HeadSpec) -> jax.Array:
+  """The pooled encoder output `[B, D]` a head reads from the ViT's aux (section 2)."""
+  if spec.block == "main":
+    return aux[spec.pooling]
+  return aux[f"block_{spec.pooling}"][spec.block]
 
 
 class Refiner:
@@ -41,7 +49,7 @@ class Refiner:
 
   Args:
     encoder: the ViT module.
-    heads: head specs (name, block "main" or int, temperature, pooling "cls" | "mean").
+    heads: head specs (name, block "main" or int, temperature, pooling: vit.POOLINGS).
     head: the IDHead module definition (sizes, dtype) used for every head.
     mean, std: per-channel normalisation of uint8 views, applied on the device as the first op
       (the loader ships uint8, a quarter of float32's bytes); float views are taken as normalised.
@@ -53,8 +61,12 @@ class Refiner:
     if not heads or len(set(names)) != len(names):
       raise ValueError(f"need at least one head and unique head names, got {names}")
     for h in heads:
-      if h.pooling not in ("cls", "mean"):
-        raise ValueError(f"head {h.name}: pooling must be 'cls' or 'mean', got {h.pooling!r}")
+      if h.pooling not in POOLINGS:
+        raise ValueError(f"head {h.name}: pooling must be one of {POOLINGS}, got {h.pooling!r}")
+      if (h.pooling == "cls" and not encoder.class_token) or (
+          h.pooling == "registers" and not encoder.reg_tokens):
+        raise ValueError(f"head {h.name}: pooling {h.pooling!r} but the encoder has no "
+                         f"{'CLS token' if h.pooling == 'cls' else 'register tokens'}")
       if h.block != "main" and not (isinstance(h.block, int) and 0 <= h.block < encoder.depth):
         raise ValueError(f"head {h.name}: block must be 'main' or an int in [0, {encoder.depth}), "
                          f"got {h.block!r}")
@@ -66,10 +78,7 @@ class Refiner:
     self.cls_only = all(h.pooling == "cls" for h in heads)
 
   def _pool(self, aux: dict, spec: HeadSpec) -> jax.Array:
-    if spec.block == "main":
-      return aux["cls"] if spec.pooling == "cls" else aux["patch_mean"]
-    table = aux["block_cls"] if spec.pooling == "cls" else aux["block_patch_mean"]
-    return table[spec.block]
+    return head_input(aux, spec)
 
   def normalize(self, views: jax.Array) -> jax.Array:
     """uint8 pixels `[..., 3]` -> float32 `(x / 255 - mean) / std` (ToTensor + Normalize).

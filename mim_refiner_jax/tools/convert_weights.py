@@ -6,13 +6,16 @@
   python tools/convert_weights.py --input mae_demo.pth --output mae_demo_bf16.pth --to timm \
       --dtype bfloat16 --num-heads 3
 
-Input: any format `convert.checkpoints.load_pretrained` reads (MAE .pth, MAWS/timm .pt,
-data2vec 2.0 fairseq .pt, refined .th, .safetensors, a Flax checkpoint directory). PyTorch files
+Input: any format `convert.checkpoints.load_pretrained` reads (MAE .pth, MAWS/timm .pt with
+timm's options, DINOv2 hub .pth, I-JEPA .pth.tar (--ijepa-encoder), data2vec 2.0 fairseq .pt,
+refined .th, .safetensors, a Flax checkpoint directory). PyTorch files
 are read and written without torch and without running pickled code. Output (`--to`):
   flax         an Orbax checkpoint directory + vit_kwargs.json (what the trainer starts from)
   refined      the official MIM-Refiner .th layout {"state_dict", "ctor_kwargs"}
   timm         a flat timm VisionTransformer(num_classes=0) state dict (pre-norm only)
   mae          {"model": timm state dict}, the facebookresearch/mae layout (pre-norm only)
+  dinov2       a DINOv2 hub state dict (register_tokens, ls1/ls2.gamma, mask_token)
+  ijepa        {"encoder", "target_encoder"} with module. keys, as I-JEPA saves (no CLS token)
   safetensors  refined naming, vit_kwargs in the metadata
 timm and mae state dicts have no place for the head count; the files written here carry it in an
 extra zip record (torch ignores it), other such files need a known width or --num-heads. --dtype sets the PyTorch/safetensors tensors' dtype (float32 by default).
@@ -45,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--size", choices=sorted(mapping.SIZES), help="named ViT size (sets heads)")
   parser.add_argument("--patch-size", type=int, help="expected patch size (checked)")
   parser.add_argument("--num-heads", type=int, help="attention heads (not readable from weights)")
+  parser.add_argument("--ijepa-encoder", default="target_encoder",
+                      choices=checkpoints.IJEPA_ENCODERS, help="which encoder of an I-JEPA file")
   parser.add_argument("--dtype", default="float32", choices=sorted(checkpoints.TORCH_DTYPES),
                       help="tensor dtype of PyTorch / safetensors outputs")
   return parser.parse_args(argv)
@@ -57,7 +62,8 @@ def main(argv=None) -> int:
     return errors.USER_ERROR_EXIT_CODE
   try:
     pre = checkpoints.load_pretrained(args.input, family=args.family, size=args.size,
-                                      patch_size=args.patch_size, num_heads=args.num_heads)
+                                      patch_size=args.patch_size, num_heads=args.num_heads,
+                                      ijepa_encoder=args.ijepa_encoder)
   except (ValueError, OSError, torch_files.UnsafePickleError) as e:
     print(f"error: {e}", file=sys.stderr)
     return errors.USER_ERROR_EXIT_CODE
@@ -68,6 +74,9 @@ def main(argv=None) -> int:
   print(f"size:        {info['size']} (width {kw['width']}, depth {kw['depth']}, "
         f"heads {kw['num_heads']}, mlp ratio {kw['mlp_ratio']:g})")
   print(f"patch size:  {kw['patch_size']} (position grid {kw['pos_grid']}x{kw['pos_grid']})")
+  options = {k: v for k, v in kw.items() if k in mapping.OPTION_DEFAULTS}
+  if options:
+    print(f"options:     {', '.join(f'{k}={v}' for k, v in options.items())} (timm names)")
   print(f"parameters:  {pre.num_params:,}")
   if info.get("dropped_keys"):
     dropped = info["dropped_keys"]
