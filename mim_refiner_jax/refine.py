@@ -184,12 +184,17 @@ def parse_overrides(extra: list[str]) -> dict:
   return out
 
 
-def apply(config, changes: dict, where: str):
+def apply(config, changes: dict, where: str, new_fields: tuple = ()):
+  """memory.with_changes, but a field the config lacks is an error (a typo is not a new field)."""
+  import difflib  # pylint: disable=g-import-not-at-top
   from mim_refiner_jax import memory  # pylint: disable=g-import-not-at-top
-  try:
-    return memory.with_changes(config, **changes)
-  except (KeyError, AttributeError) as e:
-    raise errors.UserError(f"{where}: unknown config field {e} in {sorted(changes)}") from None
+  fields = flat(config.to_dict())
+  for name in changes:
+    if name not in fields and name not in new_fields:
+      close = difflib.get_close_matches(name, fields, n=1)
+      raise errors.UserError(f"{where}: the config has no field {name}"
+                             + (f"; did you mean {close[0]}?" if close else ""))
+  return memory.with_changes(config, **changes)
 
 
 def flat(tree, prefix="") -> dict:
@@ -247,7 +252,7 @@ def device_target(kind: str, count: int, memory_gib: float):
     gib = stats["bytes_limit"] / memory.GIB
   else:  # CPU devices share the host's memory
     import psutil  # pylint: disable=g-import-not-at-top
-    gib = psutil.virtual_memory().available / memory.GIB / len(devices)
+    gib = psutil.virtual_memory().total / memory.GIB / len(devices)
   return devices, f"{len(devices)} x {devices[0].device_kind} (present)", gib
 
 
@@ -288,6 +293,7 @@ class Run:
     self.record = record if record.get("version") == VERSION else {"version": VERSION,
                                                                     "phases": {}}
     self.phases = self.record["phases"]
+    self.reused_now = set()  # phases this run reused
 
   def name(self, phase: str) -> str:
     return f"{self.prefix}{phase}"
@@ -300,6 +306,7 @@ class Run:
     rec = self.phases.get(phase)
     if rec and rec.get("key") == key and "seconds" in rec:
       self.progress.skip(self.name(phase))
+      self.reused_now.add(phase)
       self.say(f"reusing {phase} (done in {rec['seconds']:.0f}s on {rec['finished']}; its "
                "inputs are unchanged)")
       return rec
@@ -359,7 +366,7 @@ class Run:
             "evals.knn.test": eval_test, "evals.knn.ema_too": True, "init.pretrained": os.path.abspath(args.pretrained)
             if stage == 2 else "",
             "init.stage2_workdir": os.path.join(self.workdir, "stage2") if stage == 3 else ""},
-            "--train")
+            "--train", new_fields=("evals.knn.ema_too",))
         configs[stage] = apply(configs[stage], overrides[stage],
                                f"--config/--stage{stage} changes")
       num_train = len(source)
@@ -503,8 +510,8 @@ def _run(r: Run) -> dict:
   stage3 = r.stage(3, configs[3], after=stage2["finished"])
   evaluation = r.evaluate(setup, stage3)
   exports = r.export(stage3)
-  phases = {name: dict(seconds=rec.get("seconds", 0.0), finished=rec.get("finished"))
-            for name, rec in r.phases.items()}
+  phases = {name: dict(seconds=rec.get("seconds", 0.0), finished=rec.get("finished"),
+                      reused=name in r.reused_now) for name, rec in r.phases.items()}
   summary = dict(
       workdir=r.workdir, command=r.args.command, detected=setup["detected"],
       chosen=setup["chosen"], train=r.args.train, eval_train=setup["eval_train"],
@@ -518,7 +525,8 @@ def _run(r: Run) -> dict:
                                          "export")])
   rec = r.report(summary)
   summary["report"] = rec["files"]
-  summary["phases"]["report"] = dict(seconds=rec["seconds"], finished=rec["finished"])
+  summary["phases"]["report"] = dict(seconds=rec["seconds"], finished=rec["finished"],
+                                     reused="report" in r.reused_now)
   r.say(f"report: {rec['files']['html']} (and {os.path.basename(rec['files']['md'])}); "
         f"exports in {os.path.join(r.workdir, 'export')}")
   return summary
@@ -568,6 +576,11 @@ def main(argv=None):
     return 0  # as the trainer after Ctrl-C: nothing lost, nothing failed
 
 
-if __name__ == "__main__":
+def script():
+  """The console script mim-refiner-refine: exit status 0 when the command returns a summary."""
   result = main()
   sys.exit(result if isinstance(result, int) else 0)
+
+
+if __name__ == "__main__":
+  script()

@@ -39,7 +39,7 @@ def curves(stage_dirs: dict) -> dict:
       for name, value in row.items():
         if name in ("step", "wall_time") or not isinstance(value, (int, float)):
           continue
-        out.setdefault(name, []).append((offset + row["step"], float(value)))
+        out.setdefault(name, []).append((offset + row["step"], float(value), stage))
     if stage == 2:
       offset = max((r["step"] for r in rows), default=0)
       boundary = offset
@@ -64,12 +64,16 @@ def plot_curves(data: dict, path: str, test_size: str):
   ]
   fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.6 * len(panels)), sharex=True)
   for ax, (title, lines, percent) in zip(axes, panels):
-    for label, key in lines:
-      if key not in series:
-        continue
-      steps, values = zip(*series[key])
-      values = 100 * np.asarray(values) if percent else np.asarray(values)
-      ax.plot(steps, values, "o-" if len(steps) < 12 else "-", ms=3, label=label)
+    for n, (label, key) in enumerate(lines):
+      for stage in (2, 3):  # one line per stage: no segment across the boundary
+        points = [(x, y) for x, y, s in series.get(key, []) if s == stage]
+        if not points:
+          continue
+        steps, values = zip(*points)
+        values = 100 * np.asarray(values) if percent else np.asarray(values)
+        ax.plot(steps, values, "o-" if len(steps) < 12 else "-", ms=3, color=f"C{n}",
+                label=label if not ax.get_legend_handles_labels()[1].count(label) else None,
+                clip_on=False)
     if percent:
       ax.set_ylim(0, 100)
     else:  # the axis is not from 0: say so
@@ -197,12 +201,12 @@ def write(workdir: str, summary: dict) -> dict:
   """Writes the PNGs, report.md and report.html into `workdir`; returns their paths."""
   ev = summary["evaluation"]
   data = curves({s: os.path.join(workdir, f"stage{s}") for s in (2, 3)})
-  plot_curves(data, os.path.join(workdir, CURVES_PNG), f"{summary['eval_test']}")
+  plot_curves(data, os.path.join(workdir, CURVES_PNG),
+              f"{ev['num_test']:,} test images ({summary['eval_test']})")
   per_block = os.path.join(workdir, "evaluation", "per_block.png")
   summary = dict(summary, per_block=os.path.exists(per_block))
   if summary["per_block"]:
     shutil.copyfile(per_block, os.path.join(workdir, PER_BLOCK_PNG))
-  del ev
   paths = dict(html=os.path.join(workdir, "report.html"), md=os.path.join(workdir, "report.md"),
                curves=os.path.join(workdir, CURVES_PNG))
   for name, text in (("md", _md(summary)), ("html", _html(summary, workdir))):
