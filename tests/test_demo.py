@@ -5,8 +5,6 @@ import importlib
 import json
 import os
 
-import jax
-import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

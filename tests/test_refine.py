@@ -236,3 +236,29 @@ def test_bad_input_is_one_line_and_leaves_nothing_trusted(tiny_mae, tmp_path, ca
   assert set(_phases(workdir)) == {"setup"} and not (workdir / "stage2").exists()
   err = _one_line_error(capsys, _argv(tiny_mae, workdir, "--config.batch_sizee=8"))
   assert "has no field batch_sizee; did you mean batch_size?" in err
+
+
+def test_stage3_trains_on_its_stage2_data_unless_given(tmp_path, capsys):
+  """Item 6 of issue 22: stage 3 of configs/demo.py after a stage 2 on other data trained on
+  MNIST without a word; now it takes the stage-2 data (and the auto k-NN sets follow), or warns
+  when data.train was given and differs."""
+  from mim_refiner_jax import demo_config
+  from mim_refiner_jax import train
+  s2 = tmp_path / "s2"
+  s2.mkdir()
+  folder = f"image_folder:{tmp_path / 'mine' / 'train'}"
+  (s2 / "run.json").write_text(json.dumps({"config": {"data": {"train": folder}}}))
+  config = demo_config.get_config("stage=3")
+  config.unlock()
+  config.init.stage2_workdir = str(s2)
+  config.lock()
+  assert config.data.train.startswith("mnist") and config.evals.knn.train == "auto"
+  taken = train.adopt_stage2_data(config, data_train_given=False)
+  assert taken.data.train == folder and config.data.train.startswith("mnist")
+  assert "taken from the stage-2 workdir" in capsys.readouterr().out
+  (tmp_path / "mine" / "val").mkdir(parents=True)
+  follows = train.resolve_eval_sources(taken)  # the monitor follows the data it trains on
+  assert follows.evals.knn.test == f"image_folder:{tmp_path / 'mine' / 'val'}"
+  kept = train.adopt_stage2_data(config, data_train_given=True)
+  assert kept.data.train == config.data.train
+  assert "warning: stage 3 trains on config.data.train=mnist" in capsys.readouterr().out
