@@ -17,7 +17,7 @@ import shutil
 
 import numpy as np
 
-VERSION = 1  # bump when the report changes: a rerun then writes it again
+VERSION = 2  # bump when the report changes: a rerun then writes it again
 CURVES_PNG, PER_BLOCK_PNG = "report_curves.png", "report_per_block.png"
 
 
@@ -103,6 +103,22 @@ def _pct(v):
   return "-" if v is None else f"{100 * v:.1f}"
 
 
+def diff_rows(diff: dict) -> list[tuple[str, str, str]]:
+  """One row per field that differs from the paper config in either stage."""
+  by_field = {}
+  for stage in (2, 3):
+    for field, paper, used in diff[stage]:
+      by_field.setdefault(field, {2: None, 3: None})[stage] = (str(paper), str(used))
+  rows = []
+  for field, stages in sorted(by_field.items()):
+    pairs = [stages[st] or (None, None) for st in (2, 3)]
+    cell = lambda i: (pairs[0][i] if pairs[0][i] == pairs[1][i] or pairs[1][i] is None
+                      else pairs[1][i] if pairs[0][i] is None
+                      else f"{pairs[0][i]} / {pairs[1][i]}")
+    rows.append((field, cell(0), cell(1)))
+  return rows
+
+
 def _sections(s: dict) -> list[tuple[str, list]]:
   """The report as (title, [("p", text) | ("table", header, rows) | ("img", file, alt) |
   ("pre", text)]) for both renderings."""
@@ -117,36 +133,39 @@ def _sections(s: dict) -> list[tuple[str, list]]:
           ("config", s["chosen"]), ("training data", f"{s['train']} ({s['num_train']:,} images)"),
           ("evaluation", f"train {s['eval_train']}, test {s['eval_test']}"),
           ("command", s["command"])])])]
-  for stage in (2, 3):
-    rows = [(k, str(a), str(b)) for k, a, b in s["diff"][stage]]
-    out.append((f"Stage {stage} config against the paper config", [
-        ("table", ("field", "paper", "this run"), rows) if rows else
-        ("p", "identical to the paper config" if s["diff"] is not None else "no paper config")]))
-  out.append(("Devices and memory plan", [
-      ("p", f"{s['devices']}, {s['gib']:.2f} GiB per device: {s['plan']['said']}"),
-      ("pre", s["plan"]["table"])]))
-  out.append(("Wall time per phase", [("table", ("phase", "seconds", "finished"), [
-      (name, f"{p['seconds']:.0f}", p["finished"] or "") for name, p in s["phases"].items()])]))
-  out.append(("Training curves", [("img", CURVES_PNG, "training curves of stage 2 and 3")]))
-  out.append(("k-NN accuracy per block, before and after", [
-      ("img", PER_BLOCK_PNG, "per-block k-NN") if s.get("per_block") else
-      ("p", "(the per_block protocol was not run)")]))
   rows = [(k, _pct(a), _pct(b), "-" if a is None or b is None else f"{100 * (b - a):+.1f}")
           for k, a, b in eval_rows(ev)]
   out.append((f"Evaluation before / after (%; test {ev['test']}, {ev['num_test']:,} images; "
               f"protocols {', '.join(ev['protocols'])})", [
                   ("table", ("metric", "before", "refined", "delta"), rows)]))
+  out.append(("Training curves", [("img", CURVES_PNG, "training curves of stage 2 and 3")]))
+  out.append(("k-NN accuracy per block, before and after", [
+      ("img", PER_BLOCK_PNG, "per-block k-NN") if s.get("per_block") else
+      ("p", "(the per_block protocol was not run)")]))
+  out.append(("Wall time per phase", [("table", ("phase", "seconds", "finished"), [
+      (name, f"{p['seconds']:.0f}", (p["finished"] or "") + (" (reused)" if p.get("reused")
+                                                            else ""))
+      for name, p in s["phases"].items()])]))
+  out.append(("Devices and memory plan", [
+      ("p", f"{s['devices']}, {s['gib']:.2f} GiB per device: {s['plan']['said']}"),
+      ("pre", s["plan"]["table"])]))
   out.append(("Exports", [("table", ("format", "path", "sha256"), [
       (e["name"], e["path"] or e["note"], e.get("sha256", "-")) for e in s["exports"]])]))
   out.append(("Warnings met during the run", [
       ("table", ("warning",), [(w,) for w in s["warnings"]]) if s["warnings"] else
       ("p", "none")]))
+  rows = diff_rows(s["diff"])
+  out.append(("Config against the paper config", [
+      ("details", f"{len(rows)} fields differ (values 'stage 2 / stage 3' where the stages "
+                  "differ)", ("field", "paper", "this run"), rows) if rows else
+      ("p", "identical to the paper config (or no paper config to compare with)")]))
   return out
 
 
 CSS = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
        "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
-       "font-size:13px;text-align:left;word-break:break-all}th{background:#eee}"
+       "font-size:13px;text-align:left;overflow-wrap:anywhere}th{background:#eee}"
+       "td:first-child{white-space:nowrap}"
        "pre{background:#f6f6f6;padding:8px;font-size:12px}img{max-width:100%}"
        "h2{border-bottom:1px solid #ddd;font-size:18px}")
 
@@ -168,11 +187,14 @@ def _html(summary: dict, workdir: str) -> str:
           data = base64.b64encode(f.read()).decode()
         parts.append(f"<img alt='{html.escape(item[2])}' src='data:image/png;base64,{data}'>")
       else:
-        _, header, rows = item
+        summary = item[1] if item[0] == "details" else None
+        header, rows = item[-2:]
         head = "".join(f"<th>{html.escape(h)}</th>" for h in header) if any(header) else ""
-        parts.append("<table>" + (f"<tr>{head}</tr>" if head else "") + "".join(
+        table = ("<table>" + (f"<tr>{head}</tr>" if head else "") + "".join(
             "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>"
             for row in rows) + "</table>")
+        parts.append(f"<details><summary>{html.escape(summary)}</summary>{table}</details>"
+                     if summary else table)
   parts.append("</body></html>")
   return "\n".join(parts)
 
@@ -190,7 +212,9 @@ def _md(summary: dict) -> str:
       elif item[0] == "img":
         lines += [f"![{item[2]}]({item[1]})", ""]
       else:
-        _, header, rows = item
+        if item[0] == "details":
+          lines += [item[1], ""]
+        header, rows = item[-2:]
         header = header if any(header) else ("", "")
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows] + [""]

@@ -168,8 +168,7 @@ def test_report_html_is_self_contained_and_complete(stopped_everywhere):
     image = Image.open(io.BytesIO(base64.b64decode(src[len(prefix):])))
     image.load()
     assert image.size[0] > 300 and image.size[1] > 300
-  for heading in ("What was refined", "Stage 2 config against the paper config",
-                  "Stage 3 config against the paper config", "Devices and memory plan",
+  for heading in ("What was refined", "Config against the paper config", "Devices and memory plan",
                   "Wall time per phase", "Training curves",
                   "k-NN accuracy per block, before and after", "Exports",
                   "Warnings met during the run"):
