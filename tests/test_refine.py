@@ -261,3 +261,22 @@ def test_stage3_trains_on_its_stage2_data_unless_given(tmp_path, capsys):
   kept = train.adopt_stage2_data(config, data_train_given=True)
   assert kept.data.train == config.data.train
   assert "warning: stage 3 trains on config.data.train=mnist" in capsys.readouterr().out
+
+
+def test_config_of_the_files_family_and_size():
+  """The paper config of a family and size; for a size without one, the family's ViT-L config
+  with the file's size and patch and the head blocks scaled to its depth, said so."""
+  def detected(size, width, depth, heads, patch, grid, prenorm=True):
+    return dict(family="mae" if prenorm else "d2v2", size=size, patch_size=patch,
+                vit_kwargs=dict(width=width, depth=depth, num_heads=heads, patch_size=patch,
+                                mlp_ratio=4.0, prenorm=prenorm, pos_grid=grid))
+  configs, paper, chosen = refine.choose_configs("", detected("huge", 1280, 32, 16, 14, 16, False))
+  assert chosen.startswith("configs/d2v2_h14.py") and configs[3].to_dict() == paper[3].to_dict()
+  configs, paper, chosen = refine.choose_configs("", detected("base", 768, 12, 12, 16, 14))
+  assert "derived from configs/mae_l16.py" in chosen
+  assert configs[2].model.size == "base" and configs[3].model.patch_size == 16
+  # L/16's heads on blocks 22..16 of 24 (1..7 before the last) -> 1..4 before the last of 12.
+  assert configs[3].heads.names == ",".join(
+      f"nnclr_temp02_cls{b}" for b in ["", 10, 9, 8, 7])
+  assert [d[0] for d in refine.config_diff(configs[3], paper[3])] == [
+      "heads.names", "model.num_heads", "model.size"]
