@@ -498,7 +498,8 @@ def _train(config, workdir: str, stop_after: int | None, guard: WorkdirGuard):
   num_examples = config.data.num_train_examples or len(source)
   steps_per_ep = config_lib.steps_per_epoch(num_examples, config.batch_size)
   knn_cfg = config.evals.knn
-  knn_sets = {"train": knn_cfg.train, "test": knn_cfg.test} if knn_cfg.features else None
+  knn_sets = ({k: config.to_dict()["evals"]["knn"][k] for k in ("train", "test")}
+              if knn_cfg.features else None)  # (to_dict: a spec may be a dict)
   log("training on %s (%d images); k-NN monitor: %s", config.data.train, num_examples,
       f"bank {knn_cfg.train}, test {knn_cfg.test}" if knn_sets else "off")
   # Any other MultiCropConfig field (e.g. flip_p, global_scale) via config.data.multicrop.
@@ -551,7 +552,7 @@ def _train(config, workdir: str, stop_after: int | None, guard: WorkdirGuard):
     state = insert_pretrained(state, shardings, pretrained.variables)
     del pretrained
   run_info = {"config": config.to_dict(), "vit_kwargs": vit_kwargs,
-              "training_source": config.data.train, "knn_sets": knn_sets,
+              "training_source": config.to_dict()["data"]["train"], "knn_sets": knn_sets,
               "steps_per_epoch": steps_per_ep, "total_steps": total_steps}
 
   # ------------------------------------------------------------------------------- step
