@@ -61,7 +61,9 @@ def get_config(arg=None):
                 worker_count=0, fail_fast=False)
   c.evals = dict(knn=dict(
       every_epochs=0,  # 0: only at the end
-      train="mnist:train,image_size=32", test="mnist:val,image_size=32",
+      # "auto": derived from data.train (MNIST: its train split and val), so an overridden
+      # data.train carries the monitor along.
+      train="auto", test="auto",
       resize_size=32, crop_size=32, batch_size=500, k=10, tau=0.07,
       features=f"block{depth - 1}_cls,block{depth - 1}_patch_mean"),
       # At the end of a run, the evaluation suite on its EMA encoder (tools/evaluate.py's

@@ -156,14 +156,15 @@ def abstract_batch(config, mesh, batch_size: int | None = None) -> dict:
                       shardings)
 
 
-def build(config, devices) -> dict:
+def build(config, devices, vit_kwargs: dict | None = None) -> dict:
   """What train.py builds, abstract: step (jitted, not compiled), state (sharded
   ShapeDtypeStructs), shardings, batch (sharded ShapeDtypeStructs), mesh, rules, init_fn, model."""
   stage2 = config.stage == 2
   key = jax.random.key(config.seed)
   mesh = sharding_lib.make_mesh(config.sharding.data, config.sharding.fsdp, devices)
   rules = sharding_lib.state_rules(config.sharding.rules)
-  model = train_lib.build_model(config, vit_kwargs_for(config), num_devices=len(devices))
+  model = train_lib.build_model(config, vit_kwargs or vit_kwargs_for(config),
+                                num_devices=len(devices))
   steps_per_ep = config_lib.steps_per_epoch(config.data.num_train_examples or 1_281_167,
                                             config.batch_size)
   tx, lr_fn, _ = train_lib.build_optimizer(config, train_lib.param_shapes(config, model, key),
@@ -181,11 +182,12 @@ def build(config, devices) -> dict:
               init_fn=init_fn, model=model, key=key)
 
 
-def plan(config, devices=None) -> Plan:
-  """Compiles the config's train step for `devices` (default: all) and returns its `Plan`."""
+def plan(config, devices=None, vit_kwargs: dict | None = None) -> Plan:
+  """Compiles the config's train step for `devices` (default: all) and returns its `Plan`;
+  `vit_kwargs` (e.g. a weights file's) replaces the encoder the config's model.size names."""
   devices = list(jax.devices() if devices is None else devices)
   check(config, len(devices))
-  built = build(config, devices)
+  built = build(config, devices, vit_kwargs)
   state, shardings, batch, mesh = (built[k] for k in ("state", "shardings", "batch", "mesh"))
   compiled = built["step"].lower(state, batch).compile()
   mem = compiled.memory_analysis()
@@ -245,16 +247,16 @@ def candidate_changes(config, num_devices: int, first: Plan | None = None):
 
 
 def find_fit(config, device_gib: float, devices=None, headroom: float = HEADROOM,
-             log=lambda *a: None):
+             log=lambda *a: None, vit_kwargs: dict | None = None):
   """`(plan, None)` if the config fits, else `(plan, (changes, plan of the change))` for the first
   candidate change that fits (or `(plan, None)` with nothing found). Each candidate recompiles."""
-  first = plan(config, devices)
+  first = plan(config, devices, vit_kwargs)
   if first.fits(device_gib, headroom):
     return first, None
   num = len(devices or jax.devices())
   for changes in candidate_changes(config, num, first):
     log(f"  trying {describe(changes)}")
-    p = plan(with_changes(config, **changes), devices)
+    p = plan(with_changes(config, **changes), devices, vit_kwargs)
     if p.fits(device_gib, headroom):
       return first, (changes, p)
   return first, ()

@@ -7,7 +7,6 @@ config file loads by its path from any directory, without configs/ on sys.path.
 
 import ml_collections
 
-from mim_refiner_jax import config as config_lib
 
 def refinement_config(*, stage: int, vit_size: str, patch_size: int, prenorm: bool,
                       heads: list[str], batch_size: int, epochs: int, local_size: int,

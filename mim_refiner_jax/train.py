@@ -461,9 +461,42 @@ class WorkdirGuard:
         path.unlink()
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None = None):
-  """Runs (or resumes) one stage in `workdir`; returns `(state, last metrics fetched)`."""
+def adopt_stage2_data(config: ml_collections.ConfigDict, data_train_given: bool):
+  """Stage 3 trains on what its stage-2 workdir trained on, unless data.train was given.
+
+  A stage-3 config names a data.train of its own (the demo's says MNIST): run after a stage 2 on
+  an image folder, it would refine on other data without a word. Taken over, the "auto" k-NN
+  sets follow it too; given explicitly and different, it is kept with a warning.
+  """
+  if config.stage != 3 or not config.init.stage2_workdir:
+    return config
+  if not paths.as_path(paths.join(config.init.stage2_workdir, "run.json")).exists():
+    return config  # (load_stage2_state reports the missing stage 2)
+  s2_train = read_run_info(config.init.stage2_workdir)["config"]["data"]["train"]
+  own = config.data.train.to_dict() if hasattr(config.data.train, "to_dict") else config.data.train
+  if json.dumps(s2_train, sort_keys=True) == json.dumps(own, sort_keys=True):
+    return config
+  if data_train_given:
+    log("warning: stage 3 trains on config.data.train=%s but its stage-2 workdir %s trained on "
+        "%s", own, config.init.stage2_workdir, s2_train)
+    return config
+  log("data.train=%s taken from the stage-2 workdir %s (the config's %s is not used; set "
+      "--config.data.train to choose)", s2_train, config.init.stage2_workdir, own)
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.data.train = s2_train
+  config.lock()
+  return config
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None = None,
+          data_train_given: bool = False):
+  """Runs (or resumes) one stage in `workdir`; returns `(state, last metrics fetched)`.
+
+  data_train_given: data.train was chosen by the caller, so stage 3 keeps it (else it takes its
+  stage-2 workdir's: adopt_stage2_data).
+  """
   validate_config(config)
+  config = adopt_stage2_data(config, data_train_given)
   config = resolve_eval_sources(config_lib.resolve_crop_sizes(config))
   workdir = os.fspath(workdir)  # gs://... stays a URL: never a local folder named after one
   workdir_existed = paths.as_path(workdir).is_dir()
@@ -502,6 +535,11 @@ def _train(config, workdir: str, stop_after: int | None, guard: WorkdirGuard):
                                    fail_fast=config.data.fail_fast or None)
   num_examples = config.data.num_train_examples or len(source)
   steps_per_ep = config_lib.steps_per_epoch(num_examples, config.batch_size)
+  knn_cfg = config.evals.knn
+  knn_sets = ({k: config.to_dict()["evals"]["knn"][k] for k in ("train", "test")}
+              if knn_cfg.features else None)  # (to_dict: a spec may be a dict)
+  log("training on %s (%d images); k-NN monitor: %s", config.data.train, num_examples,
+      f"bank {knn_cfg.train}, test {knn_cfg.test}" if knn_sets else "off")
   # Any other MultiCropConfig field (e.g. flip_p, global_scale) via config.data.multicrop.
   crop_cfg = dict(global_size=config.data.global_size, local_size=config.data.local_size,
                   num_local=config.data.num_local, color_augs=config.data.color_augs,
@@ -555,6 +593,7 @@ def _train(config, workdir: str, stop_after: int | None, guard: WorkdirGuard):
     state = insert_pretrained(state, shardings, pretrained.variables)
     del pretrained
   run_info = {"config": config.to_dict(), "vit_kwargs": vit_kwargs,
+              "training_source": config.to_dict()["data"]["train"], "knn_sets": knn_sets,
               "steps_per_epoch": steps_per_ep, "total_steps": total_steps}
 
   # The input stream starts at the state's global step: the same samples on any host count.
@@ -596,7 +635,6 @@ def _train(config, workdir: str, stop_after: int | None, guard: WorkdirGuard):
       mib("temp_size_in_bytes"))
 
   # -------------------------------------------------------------------------- evaluation
-  knn_cfg = config.evals.knn
   # Section 10.1: the live encoder and heads while training, also the EMA encoder at the end.
   knn = monitor_lib.KnnMonitor(knn_cfg, model, mesh) if knn_cfg.features else None
   if knn:
@@ -647,7 +685,9 @@ def _train(config, workdir: str, stop_after: int | None, guard: WorkdirGuard):
         last = fetched
       if knn and knn_every and step % knn_every == 0 and step < total_steps:
         tracker.pause()
-        results = evaluate(state)
+        # evals.knn.ema_too (set by refine.py): the EMA's k-NN at every evaluation, not only
+        # at the end (the report's curves).
+        results = evaluate(state, final=with_ema and knn_cfg.get("ema_too", False))
         writer.write(step, results)
         log("step %d: %s", step, results)
         tracker.resume()
@@ -671,7 +711,7 @@ def _train(config, workdir: str, stop_after: int | None, guard: WorkdirGuard):
       writer.write(step, results)
       last.update(results)
       log("final k-NN: %s", results)
-    export(state, vit_kwargs, workdir, is_main)
+    export(state, vit_kwargs, workdir, is_main, config.stage)
   writer.close()
   if step >= total_steps and final_protocols(config):
     run_final_protocols(config, workdir)
@@ -721,7 +761,7 @@ def _host_batch(train_iter, peek: bool = False):
 
 
 # ------------------------------------------------------------------------------------- export
-def export(state, vit_kwargs: dict, workdir: str, is_main: bool):
+def export(state, vit_kwargs: dict, workdir: str, is_main: bool, stage: int = 3):
   """Writes the (EMA) encoder as a Flax checkpoint and in the official PyTorch layout (3.6)."""
   params = state["ema"] if "ema" in state else state["params"]["encoder"]
   variables = jax.tree.map(np.asarray, multihost_utils.process_allgather(
@@ -738,7 +778,13 @@ def export(state, vit_kwargs: dict, workdir: str, is_main: bool):
     else:
       convert_lib.save_torch(paths.join(out, "encoder_timm.pth"), variables, vit_kwargs,
                              layout="timm")
-  log("exported the %s encoder to %s", "EMA" if "ema" in state else "trained", out)
+  if "ema" in state:
+    log("exported the EMA encoder to %s", out)
+  elif stage == 3:
+    log("exported the trained encoder to %s", out)
+  else:  # stage 2 trains only the heads
+    log("exported the encoder to %s: the unchanged input encoder (stage 2 trains only the "
+        "heads)", out)
 
 
 def main(argv):
@@ -754,8 +800,9 @@ def main(argv):
   if not isinstance(config, ml_collections.ConfigDict):  # ml_collections defers this error
     config_lib.load_config_file(flags.FLAGS["config"].config_filename)  # UserError naming it
   watchdog = initialize_distributed()
+  given = "data.train" in config_flags.get_override_values(flags.FLAGS["config"])
   try:
-    train(config, _WORKDIR.value, _STOP_AFTER.value)
+    train(config, _WORKDIR.value, _STOP_AFTER.value, data_train_given=given)
   except BaseException as e:  # pylint: disable=broad-except
     if watchdog is None or isinstance(e, SystemExit):
       raise

@@ -119,8 +119,14 @@ def test_cli_image_folder_train_knn_and_knn_eval(pretrained, tmp_path, capsys):
   assert "warmup clipped to 1 steps" in out, out
   assert f"k-NN sets: bank image_folder:{data}/train (32 images), test image_folder:{data}/val " \
          "(8 images)" in out, out
+  # The training source is named at the start too, and recorded (issue 22 item 6).
+  assert f"training on image_folder:{data}/train (32 images); k-NN monitor: bank" in out, out
   with open(workdir / "run.json") as f:
-    recorded = json.load(f)["config"]
+    info = json.load(f)
+  recorded = info["config"]
+  assert info["training_source"] == f"image_folder:{data}/train"
+  assert info["knn_sets"] == {"train": f"image_folder:{data}/train",
+                              "test": f"image_folder:{data}/val"}
   assert recorded["data"]["train"] == f"image_folder:{data}/train"
   assert recorded["evals"]["knn"]["test"] == f"image_folder:{data}/val"  # what really ran
   with open(workdir / "metrics.jsonl") as f:

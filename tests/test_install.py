@@ -57,7 +57,7 @@ def test_installed_package_and_tools_work_from_any_directory(tmp_path):
     return subprocess.run([str(c) for c in cmd], cwd=outside, env=env, capture_output=True,
                           text=True, timeout=300, check=False)
 
-  for name in ("train", "convert", "evaluate", "knn-eval", "plan-memory", "demo",
+  for name in ("train", "refine", "convert", "evaluate", "knn-eval", "plan-memory", "demo",
                "pretrain-mae", "show-views"):
     assert (site / "bin" / f"mim-refiner-{name}").exists(), name
   proc = run(site / "bin" / "mim-refiner-convert", "--help")
@@ -69,6 +69,8 @@ def test_installed_package_and_tools_work_from_any_directory(tmp_path):
   proc = run(sys.executable, os.path.join(ROOT, "tools", "convert_weights.py"), "--input",
              "missing.pth", "--output", "out", "--to", "flax")  # the checkout's wrapper too
   assert proc.returncode == 2, proc.stderr
+  proc = run(site / "bin" / "mim-refiner-refine", "--help")
+  assert proc.returncode == 0 and "--pretrained" in proc.stdout, proc.stderr
   proc = run(sys.executable, "-m", "mim_refiner_jax.tools.evaluate", "--help")
   assert proc.returncode == 0 and "--protocols" in proc.stdout, proc.stderr
   # The package imported is the installed one, and a config loads by path from elsewhere (the

@@ -148,15 +148,16 @@ def load_pretrained(path, *, family=None, size=None, patch_size=None, prenorm=No
     if paths.as_path(path).is_dir():
       return _load_flax_checked(path, family, size, patch_size, prenorm, num_heads)
     with paths.local_copy(path) as local:
-      out = _load_file(local, family, size, patch_size, prenorm, num_heads)
+      out = _load_file(local, family, size, patch_size, prenorm, num_heads, ijepa_encoder)
     out.info["path"] = path
     return out
   if torch_files.sniff(path) == "directory":
     return _load_flax_checked(path, family, size, patch_size, prenorm, num_heads)
-  return _load_file(path, family, size, patch_size, prenorm, num_heads)
+  return _load_file(path, family, size, patch_size, prenorm, num_heads, ijepa_encoder)
 
 
-def _load_file(path, family, size, patch_size, prenorm, num_heads) -> Pretrained:
+def _load_file(path, family, size, patch_size, prenorm, num_heads,
+               ijepa_encoder="target_encoder") -> Pretrained:
   kind = torch_files.sniff(path)
   obj = torch_files.load(path)
   sd, containers, top = _unwrap(obj, path, ijepa_encoder)

@@ -1,41 +1,42 @@
-r"""The CPU demo: refine a small MNIST MAE with MIM-Refiner and compare it with honest baselines.
+r"""The CPU demo: refine the bundled MNIST MAE with MIM-Refiner and compare it with honest baselines.
 
   python tools/demo.py                      # seed 0, in workdirs/demo
   python tools/demo.py --seeds 0,1,2        # the README table (three refinement seeds)
 
-Steps (all offline, on the CPU; a progress line at least every 10 s, with an ETA):
+The refinement itself is `mim-refiner-refine` (mim_refiner_jax/refine.py) on the shipped MAE and
+the digits with mim_refiner_jax/demo_config.py, once per seed in WORKDIR/seed<N> (stage2/, stage3/,
+evaluation/, export/, report.html); the demo adds what a comparison needs:
 1. Baselines under the one k-NN protocol (k=10, tau=0.07, standardise with train statistics,
    L2-normalise; refiner_facts.md section 10.1; 4,000 train digits -> 1,000 held-out digits):
    raw pixels, and the MAE before refinement with every pooling (CLS and mean patch token of every
    block, raw residual stream; CLS, mean patch and CLS || mean patch after the final LayerNorm).
    The MAE is the one shipped in mim_refiner_jax/data/demo_mae/ (made by tools/pretrain_mae.py with
    the command recorded next to it), so the demo spends no time on pre-training.
-2. Stage 2: ID heads on the frozen MAE (mim_refiner_jax/demo_config.py:stage=2), per seed.
-3. Stage 3: refine encoder and heads from the stage-2 workdir (mim_refiner_jax/demo_config.py:stage=3), per seed.
-4. The same evaluation of the refined EMA encoder.
+2. Per seed, the refine command: memory plan, stage 2, stage 3, its evaluation, exports, report.
+3. The same evaluation as 1. of the refined EMA encoder.
 Prints the table, writes WORKDIR/runs/<time>.json (one file per run, never overwritten),
 WORKDIR/demo_results.json (the latest run) and WORKDIR/knn_per_block.png.
 
-Re-runs reuse finished stages and evaluations (and say so); --fresh retrains the given seeds.
+Re-runs reuse finished phases and evaluations (and say so); --fresh retrains the given seeds.
 More protocols plug in as entries of PROTOCOLS: each maps (train features, train labels, test
 features, test labels) to a number and becomes a column of every feature in the results.
 """
 
 import argparse
-import contextlib
 import functools
 import hashlib
 import json
 import os
 import shutil
 import sys
-import threading
 import time
 
 import numpy as np
 
 from mim_refiner_jax import demo_config
 from mim_refiner_jax import errors
+from mim_refiner_jax import progress as progress_lib
+from mim_refiner_jax import refine
 from mim_refiner_jax.demo_config import SHIPPED_MAE
 
 # models/heads.py NORMS, spelled out: the demo imports jax only after its first output.
@@ -44,87 +45,8 @@ RESULTS_VERSION = 3  # bump when the evaluation changes: cached evaluations are 
 # Seconds per phase of the default demo on 2 idle cores (a fresh run); the stages' are scaled by
 # the epochs asked for, and the ETA scales all of them by the pace this run measures.
 NOMINAL_SECONDS = dict(setup=8, baselines=21, stage2=31, stage3=215, evaluate=8)
-
-
-# ----------------------------------------------------------------------------- progress
-class Progress:
-  """Phases with an ETA, and a heartbeat line whenever nothing was printed for `every` seconds.
-
-  The heartbeat watches sys.stdout (the trainer's log lines count too), so a long compile or a
-  silent evaluation still shows that the demo is alive and how long it should still take.
-  """
-
-  def __init__(self, plan: list[tuple[str, float]], every: float = 9.0):
-    self.plan = list(plan)  # (phase, nominal seconds), in order
-    self.every = every
-    self.start = time.time()
-    self.done, self.current, self.current_start = set(), None, None
-    self.measured = []  # (nominal, actual seconds) of the phases run so far: the machine's pace
-    self.last_output = time.time()
-    self._stdout = sys.stdout
-    self._stop = threading.Event()
-    self._thread = threading.Thread(target=self._beat, daemon=True)
-
-  def write(self, text):  # sys.stdout proxy
-    self.last_output = time.time()
-    return self._stdout.write(text)
-
-  def flush(self):
-    self._stdout.flush()
-
-  def __getattr__(self, name):
-    return getattr(self._stdout, name)
-
-  def __enter__(self):
-    sys.stdout = self
-    self._thread.start()
-    return self
-
-  def __exit__(self, *exc):
-    self._stop.set()
-    self._thread.join()
-    sys.stdout = self._stdout
-
-  def eta(self) -> float:
-    """Nominal seconds of what is left, scaled by this machine's pace in the phases so far."""
-    measured_nominal = sum(n for n, _ in self.measured)
-    # The pace of a few seconds of setup says little: trust it from ~20 nominal seconds on.
-    pace = (sum(a for _, a in self.measured) / measured_nominal if measured_nominal >= 20
-            else 1.0)
-    left = 0.0
-    for name, nominal in self.plan:
-      if name == self.current:
-        left += max(pace * nominal - (time.time() - self.current_start), 0.1 * pace * nominal)
-      elif name not in self.done:
-        left += pace * nominal
-    return left
-
-  def clock(self) -> str:
-    elapsed = time.time() - self.start
-    return f"[demo {int(elapsed) // 60}:{int(elapsed) % 60:02d} | ETA {self.eta():4.0f}s]"
-
-  def say(self, message: str):
-    print(f"{self.clock()} {message}", flush=True)
-
-  @contextlib.contextmanager
-  def phase(self, name: str, what: str):
-    self.current, self.current_start = name, time.time()
-    self.say(f"{what} ...")
-    try:
-      yield
-    finally:
-      self.measured.append((dict(self.plan)[name], time.time() - self.current_start))
-      self.done.add(name)
-      self.current = None
-
-  def skip(self, name: str):
-    self.done.add(name)
-
-  def _beat(self):
-    while not self._stop.wait(0.5):
-      if self.current and time.time() - self.last_output >= self.every:
-        self.say(f"{self.current}: still working ({time.time() - self.current_start:.0f}s in "
-                 "this phase)")
+DIGITS = "mnist:train,image_size=32"  # the refine command's --train (4,000 digits)
+Progress = progress_lib.Progress  # (where it lived before refine.py)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -260,57 +182,22 @@ def _write_json(path: str, obj):
   os.replace(path + ".tmp", path)  # an interrupted run never leaves half a file
 
 
-def stage_config(stage: int, seed: int, args, mae: str, stage2_dir: str):
-  config = demo_config.get_config(f"stage={stage},seed={seed}")
-  epochs = args.stage2_epochs if stage == 2 else args.stage3_epochs
-  if epochs:
-    config.num_epochs = float(epochs)
-    config.warmup_epochs = min(config.warmup_epochs, config.num_epochs / 2)
+def refine_argv(seed: int, args, workdir: str) -> list[str]:
+  """The refine command of one seed: the shipped MAE (or --mae) on the digits, the demo config."""
+  argv = ["--pretrained", args.mae, "--train", DIGITS, "--workdir",
+          os.path.join(workdir, f"seed{seed}"),
+          "--config", f"{os.path.abspath(demo_config.__file__)}:seed={seed}",
+          "--config.log_every_steps=5"]
+  for stage, epochs in ((2, args.stage2_epochs), (3, args.stage3_epochs)):
+    if epochs:
+      warmup = min(demo_config.get_config(f"stage={stage}").warmup_epochs, epochs / 2)
+      argv += [f"--stage{stage}.num_epochs={float(epochs)}",
+               f"--stage{stage}.warmup_epochs={float(warmup)}"]
   if args.batch_size:
-    config.batch_size = args.batch_size
-  config.init.pretrained = mae if stage == 2 else ""
-  config.init.stage2_workdir = stage2_dir if stage == 3 else ""
-  config.heads.norm = args.head_norm
-  config.evals.knn.features = ""  # the demo evaluates every block and pooling itself
-  config.log_every_steps = 5
-  return config
-
-
-class Stopped(Exception):
-  """A stage stopped early with a checkpoint (Ctrl-C, SIGTERM): the demo ends, a rerun resumes."""
-
-
-def run_stage(stage: int, seed: int, workdir: str, config, progress: Progress,
-              phase: str) -> dict:
-  """Trains one stage unless its workdir holds a finished run of the same config."""
-  from mim_refiner_jax import train  # pylint: disable=g-import-not-at-top
-  record_path = os.path.join(workdir, "demo_stage.json")
-  record = _read_json(record_path)
-  wanted = json.loads(json.dumps(config.to_dict()))
-  same = bool(record) and record.get("config") == wanted
-  finished = os.path.exists(os.path.join(workdir, "export", "encoder_flax"))
-  if same and finished and "seconds" in record:
-    progress.skip(phase)
-    progress.say(f"seed {seed}: reusing stage {stage} from {workdir} (trained in "
-                 f"{record['seconds']:.0f}s on {record['finished']}; --fresh retrains)")
-    return dict(record, reused=True)
-  resume = same and "seconds" not in record  # stopped at a checkpoint (Ctrl-C): the trainer resumes
-  if not resume and os.path.exists(workdir):
-    shutil.rmtree(workdir)  # another config, or a run of unknown origin: start this stage over
-  if not resume:
-    _write_json(record_path, {"config": wanted, "started": time.strftime("%Y-%m-%d %H:%M:%S")})
-  with progress.phase(phase, f"seed {seed}: {'resuming ' if resume else ''}stage {stage} into "
-                      f"{workdir}"):
-    start = time.time()
-    train.train(config, workdir)
-    seconds = time.time() - start
-  if not os.path.exists(os.path.join(workdir, "export", "encoder_flax")):
-    raise Stopped(f"seed {seed}: stage {stage} stopped at a checkpoint in {workdir}; rerun the "
-                  "same command to resume it")
-  record = {"config": wanted, "seconds": seconds,
-            "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "load_avg": os.getloadavg()}
-  _write_json(record_path, record)
-  return dict(record, reused=False)
+    argv.append(f"--config.batch_size={args.batch_size}")
+  if args.head_norm != "sync_batch":
+    argv.append(f"--config.heads.norm={args.head_norm}")
+  return argv
 
 
 def cached_evaluation(path: str, key: dict, compute, progress: Progress, what: str):
@@ -460,7 +347,7 @@ def main(argv=None):
   # A user's mistake met midway (a damaged --mae, a batch the trainer rejects) is one line.
   try:
     return errors.run_main(functools.partial(run, args, sys.argv[1:] if argv is None else argv))
-  except Stopped as e:
+  except refine.Stopped as e:
     print(f"stopped: {e}", flush=True)
     return 0  # as the trainer after Ctrl-C: nothing lost, nothing failed
 
@@ -478,12 +365,16 @@ def run(args, argv: list[str]) -> dict:
           ("baselines", NOMINAL_SECONDS["baselines"])]
   scale = {stage: (epochs / demo_config.get_config(f"stage={stage}").num_epochs if epochs else 1.0)
            for stage, epochs in ((2, args.stage2_epochs), (3, args.stage3_epochs))}
-  for seed in args.seed_list:
-    plan += [(f"seed{seed} stage2", NOMINAL_SECONDS["stage2"] * scale[2]),
+  for seed in args.seed_list:  # the refine command's phases, then the demo's own evaluation
+    plan += [(f"seed{seed} setup", 1), (f"seed{seed} plan", refine.NOMINAL["plan"]),
+             (f"seed{seed} stage2", NOMINAL_SECONDS["stage2"] * scale[2]),
              (f"seed{seed} stage3", NOMINAL_SECONDS["stage3"] * scale[3]),
+             (f"seed{seed} evaluate", refine.NOMINAL["evaluate"]),
+             (f"seed{seed} export", refine.NOMINAL["export"]),
+             (f"seed{seed} report", refine.NOMINAL["report"]),
              (f"seed{seed} evaluation", NOMINAL_SECONDS["evaluate"])]
 
-  with Progress(plan) as progress:
+  with Progress(plan, label="demo") as progress:
     start, cpu_start = time.time(), time.process_time()
     with progress.phase("setup", f"loading the MAE to refine ({args.mae}) and the digits; "
                         f"workdir {workdir}"):
@@ -509,25 +400,21 @@ def run(args, argv: list[str]) -> dict:
     results.update(base)
 
     for seed in args.seed_list:
-      s2 = os.path.join(workdir, f"seed{seed}", "stage2")
+      refine_args = refine.parse_args(refine_argv(seed, args, workdir))
+      refined_run = refine.run(refine_args, progress, prefix=f"seed{seed} ")
+      phases = refined_run["phases"]
+      times = {f"stage{s}": phases[f"stage{s}"] for s in (2, 3)}
       s3 = os.path.join(workdir, f"seed{seed}", "stage3")
-      times = {}
-      for stage, out in ((2, s2), (3, s3)):
-        config = stage_config(stage, seed, args, args.mae, s2)
-        record = run_stage(stage, seed, out, config, progress, f"seed{seed} stage{stage}")
-        times[f"stage{stage}"] = {k: record[k] for k in ("seconds", "reused", "finished")}
-        if stage == 2 and not record["reused"]:  # stage 3 must follow a fresh stage 2
-          shutil.rmtree(s3, ignore_errors=True)
       refined = checkpoints.load_flax(os.path.join(s3, "export", "encoder_flax"))
-      stage3_finished = times["stage3"]["finished"]
       res, times["evaluate"] = cached_evaluation(
           os.path.join(s3, "demo_eval.json"),
-          {"phase": f"seed{seed} evaluation", "stage3_finished": stage3_finished,
+          {"phase": f"seed{seed} evaluation", "stage3_finished": times["stage3"]["finished"],
            "version": RESULTS_VERSION},
           lambda: evaluate(lambda im: encoder_features(refined, im), digits), progress,
           f"the refined model of seed {seed}")
       results["refined"][str(seed)] = res
       results["times"][f"seed{seed}"] = times
+      results.setdefault("reports", {})[str(seed)] = refined_run["report"]["html"]
     results["times"]["this_run_sec"] = time.time() - start
     # CPU seconds of all threads: on an idle 2-core machine the wall time is between this / 2
     # and this, whatever the load during the run was.
@@ -551,7 +438,8 @@ def run(args, argv: list[str]) -> dict:
   _write_json(os.path.join(workdir, "demo_results.json"), results)
   plot(results, depth, os.path.join(workdir, "knn_per_block.png"))
   print(f"wrote {run_file} (this run), {workdir}/demo_results.json (latest) and "
-        f"{workdir}/knn_per_block.png")
+        f"{workdir}/knn_per_block.png; the refine reports: "
+        + ", ".join(results["reports"].values()))
   return results
 
 
