@@ -47,20 +47,25 @@ class PreemptionFlag:
   inside a long XLA call. Checkpoints already on disk are intact (Orbax commits a step by
   renaming its finished directory).
 
-  Single-process runs rely on this handler. Multi-process runs also ask Orbax, whose
-  `reached_preemption` agrees on one step across hosts through JAX's coordination service.
+  Single-process runs rely on this handler. On several processes a stop must happen at the same
+  step everywhere (a save is collective), and a signal reaches each host at its own moment: there
+  SIGTERM is left to JAX's preemption notifier (installed by jax.distributed.initialize), and
+  Orbax's `reached_preemption` returns True at one step agreed through the coordination service;
+  Ctrl-C here sends this process a SIGTERM, so it takes the same path. The local flag then only
+  stops a run that is still compiling.
   """
-
-  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self, what: str = "saving a checkpoint and stopping after this step"):
     self.what = what  # what the process does next, for the message
     self._event = threading.Event()
     self._previous = {}
+    self._multi_process = False
 
-  def install(self):
+  def install(self, multi_process: bool = False):
+    self._multi_process = multi_process
+    signals = (signal.SIGINT,) if multi_process else (signal.SIGTERM, signal.SIGINT)
     if threading.current_thread() is threading.main_thread():
-      self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+      self._previous = {s: signal.signal(s, self._handle) for s in signals}
     return self
 
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
@@ -72,6 +77,8 @@ class PreemptionFlag:
     if signum == signal.SIGINT or self._event.is_set():
       signal.signal(signal.SIGINT, signal.SIG_DFL)  # the next Ctrl-C ends the process at once
     self._event.set()
+    if self._multi_process:
+      os.kill(os.getpid(), signal.SIGTERM)  # to JAX's notifier: every process stops together
 
   def uninstall(self):
     for signum, previous in self._previous.items():

@@ -6,7 +6,8 @@ of, a collective; they then hang in JAX's shutdown barrier until the coordinatio
 heartbeat timeout (100 s) aborts them with SIGABRT and pages of C++ stacks and thread dumps. A
 process that fails at start-up (a bad path on one host only) leaves the others waiting in their
 first collective. Python cannot take over JAX's own abort: jaxlib's `missed_heartbeat_callback`
-aborts with std::bad_cast when given a Python function.
+aborts with std::bad_cast when given a Python function (supervisor.py summarises that abort from
+outside the process instead).
 
 `Watchdog`, one daemon thread per process, over the coordination service's key-value store:
   * every `interval` seconds it bumps this process's counter and reads everyone's. A process

@@ -35,21 +35,25 @@ import sys
 import time
 
 from mim_refiner_jax import errors
+from mim_refiner_jax import paths
 from mim_refiner_jax import progress as progress_lib
 
 # The repository checkout (configs/ lives there, not in the installed package).
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(ROOT, "configs")
-# (family, size, patch) -> the paper's config file (refiner_facts.md section 8).
+# (family, size, patch) -> the paper's config file (refiner_facts.md section 8), and the configs
+# of the other backbones configs/ has (DINOv2 with 4 registers, I-JEPA).
 PAPER_CONFIGS = {("mae", "large", 16): "mae_l16", ("mae", "huge", 14): "mae_h14",
                  ("mae", "twob", 14): "mae_2b14", ("d2v2", "large", 16): "d2v2_l16",
-                 ("d2v2", "huge", 14): "d2v2_h14"}
-# Exports of the refined EMA encoder: (name, file under DIR/export, save_torch layout or "flax",
-# whether the layout holds the encoder). More formats (issue 21) are rows here.
-EXPORTS = (("Flax", "encoder_flax", "flax", lambda kw: True),
-           ("official refined .th", "encoder_refined.th", "refined", lambda kw: True),
-           ("safetensors", "encoder.safetensors", "safetensors", lambda kw: True),
-           ("timm", "encoder_timm.pth", "timm", lambda kw: kw["prenorm"]))
+                 ("d2v2", "huge", 14): "d2v2_h14", ("dinov2_reg4", "large", 14): "dinov2_l14_reg4",
+                 ("ijepa", "huge", 14): "ijepa_h14"}
+# Exports of the refined EMA encoder: (name, file under DIR/export, save_torch layout or "flax").
+# A layout that cannot hold the encoder (convert/mapping.py layout_refusal: registers in the
+# official .th, a post-norm ViT in timm's) is listed in the report as not possible, with the reason.
+EXPORTS = (("Flax", "encoder_flax", "flax"),
+           ("official refined .th", "encoder_refined.th", "refined"),
+           ("safetensors", "encoder.safetensors", "safetensors"),
+           ("timm", "encoder_timm.pth", "timm"))
 # Nominal seconds per phase (the demo on 2 idle cores), per step for the stages.
 NOMINAL = dict(setup=5, plan=10, evaluate=15, export=3, report=5)
 NOMINAL_PER_STEP = {2: 0.35, 3: 1.0}
@@ -63,17 +67,16 @@ class Stopped(Exception):
 
 # ----------------------------------------------------------------------------- files
 def sha256(path: str) -> str:
-  """Of a file, or of a directory's relative names and contents."""
+  """Of a file, or of a directory's relative names and contents (local or gs://)."""
   digest = hashlib.sha256()
-  if os.path.isdir(path):
-    for base, dirs, files in os.walk(path):
-      dirs.sort()
-      for name in sorted(files):
-        full = os.path.join(base, name)
-        digest.update(os.path.relpath(full, path).encode() + b"\0")
-        digest.update(sha256(full).encode())
+  path = paths.resolve(path)
+  if paths.as_path(path).is_dir():
+    for full in sorted(os.path.join(base, name) for base, _, files in paths.walk(path)
+                       for name in files):
+      digest.update(os.path.relpath(full, path).encode() + b"\0")
+      digest.update(sha256(full).encode())
     return digest.hexdigest()
-  with open(path, "rb") as f:
+  with paths.as_path(path).open("rb") as f:
     for chunk in iter(lambda: f.read(1 << 22), b""):
       digest.update(chunk)
   return digest.hexdigest()
@@ -103,10 +106,25 @@ def detect(path: str) -> dict:
   from mim_refiner_jax import train  # pylint: disable=g-import-not-at-top
   pretrained = train.load_pretrained(path, setting="--pretrained")
   info = pretrained.info
-  return dict(path=os.path.abspath(path), sha256=sha256(path), format=info["format"],
-              family="mae" if pretrained.vit_kwargs["prenorm"] else "d2v2",
+  return dict(path=paths.resolve(path), sha256=sha256(path), format=info["format"],
+              family=family_of(info["format"], pretrained.vit_kwargs),
               size=info["size"], patch_size=pretrained.vit_kwargs["patch_size"],
               vit_kwargs=pretrained.vit_kwargs, num_params=pretrained.num_params)
+
+
+def family_of(file_format: str, vit_kwargs: dict) -> str:
+  """mae / d2v2 (the paper's pre- and post-norm ViTs), dinov2_reg4, ijepa, or timm (a pre-norm ViT
+  with timm options: registers, no CLS token, LayerScale, ...)."""
+  from mim_refiner_jax.convert import mapping  # pylint: disable=g-import-not-at-top
+  options = mapping.options(vit_kwargs)
+  if file_format == "dinov2" and options["reg_tokens"] == 4:
+    return "dinov2_reg4"
+  if file_format == "ijepa":
+    return "ijepa"
+  if not vit_kwargs["prenorm"]:
+    return "d2v2"
+  plain = all(options[k] == mapping.OPTION_DEFAULTS[k] for k in mapping.OPTION_DEFAULTS)
+  return "mae" if plain else "timm"
 
 
 def _load(spec: str, stage: int):
@@ -138,6 +156,10 @@ def choose_configs(config_spec: str, detected: dict) -> tuple[dict, dict | None,
   from mim_refiner_jax import memory  # pylint: disable=g-import-not-at-top
   family, size, patch = detected["family"], detected["size"], detected["patch_size"]
   paper_name = PAPER_CONFIGS.get((family, size, patch))
+  if not paper_name and family not in ("mae", "d2v2"):  # registers, no CLS, LayerScale, ...
+    if config_spec:
+      return {s: _load(config_spec, s) for s in (2, 3)}, None, f"{config_spec} (given)"
+    return timm_configs(detected)
   nearest = paper_name or PAPER_CONFIGS[(family, "large", 16)]
   paper_file = os.path.join(CONFIG_DIR, f"{nearest}.py")
   paper = ({s: _load(paper_file, s) for s in (2, 3)} if os.path.exists(paper_file) else None)
@@ -163,6 +185,26 @@ def choose_configs(config_spec: str, detected: dict) -> tuple[dict, dict | None,
       f"derived from configs/{nearest}.py (no paper config for {family} {size}/{patch}): the "
       f"file's size and patch, {kw['pos_grid'] * kw['patch_size']} px, head blocks scaled from "
       f"{paper_depth} to {kw['depth']} blocks ({configs[3].heads.names})")
+
+
+def timm_configs(detected: dict) -> tuple[dict, None, str]:
+  """configs/timm_vit.py at the file's size and patch: heads on the mean patch token of encoders
+  without a CLS token, else on the CLS token; the file's options (registers, LayerScale, ...) come
+  with its weights."""
+  from mim_refiner_jax import memory  # pylint: disable=g-import-not-at-top
+  kw, size = detected["vit_kwargs"], detected["size"]
+  if size not in memory.vit_lib.SIZES:
+    raise errors.UserError(f"{detected['path']}: a {detected['family']} ViT of no known size "
+                           f"({kw['depth']} blocks of width {kw['width']}): pass --config FILE")
+  pooling = "cls" if kw.get("class_token", True) else "mean_patch"
+  spec = (f"{os.path.join(CONFIG_DIR, 'timm_vit.py')}:size={size},patch={kw['patch_size']},"
+          f"pooling={pooling}")
+  if not os.path.exists(spec.partition(":")[0]):
+    raise errors.UserError(f"no --config given and configs/timm_vit.py ({CONFIG_DIR}) is not "
+                           "here (an installed package): pass --config FILE")
+  return ({s: _load(spec, s) for s in (2, 3)}, None,
+          f"configs/timm_vit.py:size={size},patch={kw['patch_size']},pooling={pooling} (a "
+          f"{detected['format']} ViT with timm options; no paper config to compare with)")
 
 
 def parse_overrides(extra: list[str]) -> dict:
@@ -217,17 +259,18 @@ def config_diff(config, paper) -> list:
 
 
 def eval_options(preset: str, train: str, test: str, knn):
-  """The evaluation suite's options of a preset ("default": k-NN and the per-block k-NN, at the
-  k-NN monitor's view); other names go to suite.Options.from_preset where it exists (issue 20)."""
+  """The evaluation suite's options of --eval-preset (evaluation/presets.py) at the k-NN monitor's
+  view. "default": the k-NN and per-block k-NN protocols at the monitor's k and tau (seconds on
+  the demo); "paper": every protocol at the paper's settings."""
   from mim_refiner_jax.evaluation import suite  # pylint: disable=g-import-not-at-top
-  common = dict(train=train, test=test, k=(knn.k,), tau=knn.tau, per_block_k=knn.k,
-                image_size=knn.crop_size, resize=knn.resize_size, batch_size=knn.batch_size,
-                cache_dir="", progress=False)
+  common = dict(train=train, test=test, per_block_k=knn.k, image_size=knn.crop_size,
+                resize=knn.resize_size, batch_size=knn.batch_size, cache_dir="", progress=False)
   if preset == "default":
-    return suite.Options(protocols=("knn", "per_block"), **common)
-  if hasattr(suite.Options, "from_preset"):
+    common.update(protocols=("knn", "per_block"), k=(knn.k,), tau=knn.tau)
+  try:
     return suite.Options.from_preset(preset, **common)
-  raise errors.UserError(f"--eval-preset {preset!r}: this version knows only 'default'")
+  except ValueError as e:
+    raise errors.UserError(f"--eval-preset {preset!r}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- devices, memory
@@ -287,6 +330,12 @@ class Run:
 
   def __init__(self, args, progress: progress_lib.Progress, prefix: str = ""):
     self.args, self.progress, self.prefix = args, progress, prefix
+    if paths.is_remote(args.workdir):
+      raise errors.UserError(
+          f"--workdir {args.workdir}: the refine command keeps its workdir (records, report, "
+          "exports) on a local or mounted filesystem; give a local --workdir (gs:// --pretrained "
+          "and data are fine), or run the stages with python -m mim_refiner_jax.train, whose "
+          "workdirs may be gs://")
     self.workdir = os.path.abspath(args.workdir)
     self.record_path = os.path.join(self.workdir, RECORD)
     record = read_json(self.record_path) or {}
@@ -340,11 +389,12 @@ class Run:
     from mim_refiner_jax.data import sources  # pylint: disable=g-import-not-at-top
     args = self.args
     with self.progress.phase(self.name("setup"), f"{self.prefix}reading {args.pretrained}"):
-      if not os.path.exists(args.pretrained):
+      pretrained_path = paths.resolve(args.pretrained)
+      if not paths.as_path(pretrained_path).exists():
         raise errors.UserError(f"--pretrained {args.pretrained} does not exist")
       file_sha = sha256(args.pretrained)
       rec = self.phases.get("setup")
-      same = rec and rec.get("key") == _key([file_sha, os.path.abspath(args.pretrained)])
+      same = rec and rec.get("key") == _key([file_sha, pretrained_path])
       detected = rec["detected"] if same else detect(args.pretrained)
       source = sources.make_source(args.train, where="--train")
       if len(source) == 0:
@@ -363,8 +413,8 @@ class Run:
       for stage in (2, 3):
         configs[stage] = apply(configs[stage], {
             "data.train": args.train, "evals.knn.train": eval_train,
-            "evals.knn.test": eval_test, "evals.knn.ema_too": True, "init.pretrained": os.path.abspath(args.pretrained)
-            if stage == 2 else "",
+            "evals.knn.test": eval_test, "evals.knn.ema_too": True,
+            "init.pretrained": pretrained_path if stage == 2 else "",
             "init.stage2_workdir": os.path.join(self.workdir, "stage2") if stage == 3 else ""},
             "--train", new_fields=("evals.knn.ema_too",))
         configs[stage] = apply(configs[stage], overrides[stage],
@@ -376,7 +426,7 @@ class Run:
     self.say(f"training on {args.train} ({num_train:,} images); evaluation: train "
              f"{eval_train}, test {eval_test}")
     os.makedirs(self.workdir, exist_ok=True)
-    key = _key([file_sha, os.path.abspath(args.pretrained)])
+    key = _key([file_sha, pretrained_path])
     self.phases["setup"] = dict(key=key, detected=detected, seconds=0.0, finished=time.strftime(
         "%Y-%m-%d %H:%M:%S"), chosen=chosen, warnings=[])
     self.save()
@@ -448,6 +498,7 @@ class Run:
   # --------------------------------------------------------------------------- export
   def export(self, stage3: dict) -> dict:
     from mim_refiner_jax.convert import checkpoints  # pylint: disable=g-import-not-at-top
+    from mim_refiner_jax.convert import mapping  # pylint: disable=g-import-not-at-top
     out = os.path.join(self.workdir, "export")
     key = _key(["export", stage3["finished"], [e[:3] for e in EXPORTS]])
 
@@ -458,11 +509,12 @@ class Run:
       shutil.rmtree(partial, ignore_errors=True)
       os.makedirs(partial)
       files = []
-      for name, filename, layout, allowed in EXPORTS:
+      for name, filename, layout in EXPORTS:
         path = os.path.join(partial, filename)
-        if not allowed(encoder.vit_kwargs):
-          files.append(dict(name=name, path=None, note=f"not possible: the {layout} layout has "
-                            "no place for this encoder"))
+        refusal = (None if layout in ("flax", "safetensors")
+                   else mapping.layout_refusal(layout, encoder.vit_kwargs))
+        if refusal:
+          files.append(dict(name=name, path=None, note=f"not possible: {refusal}"))
           continue
         if layout == "flax":
           shutil.copytree(source, path)
@@ -554,7 +606,10 @@ def parse_args(argv=None):
   parser.add_argument("--devices", type=int, default=0, help="device count (default: all)")
   parser.add_argument("--device-memory-gib", type=float, default=0.0,
                       help="GiB per device (default: what the devices or the kind report)")
-  parser.add_argument("--eval-preset", default="default", help="evaluation suite preset")
+  parser.add_argument("--eval-preset", default="default", choices=("default", "paper"),
+                      help="evaluation suite preset (evaluation/presets.py): default = k-NN and "
+                           "per-block k-NN at the k-NN monitor's k and tau; paper = every "
+                           "protocol at the paper's settings")
   parser.add_argument("--stop-after-steps", type=int, default=None,
                       help="stop each stage (with a checkpoint) after this many steps of this "
                            "run, as if preempted; for tests and job-time limits")

@@ -26,6 +26,7 @@ It wires the package's pieces together and holds no maths of its own.
 import functools
 import json
 import os
+import sys
 import time
 import zipfile
 
@@ -48,6 +49,7 @@ from mim_refiner_jax import optim
 from mim_refiner_jax import paths
 from mim_refiner_jax import sharding as sharding_lib
 from mim_refiner_jax import state as state_lib
+from mim_refiner_jax import supervisor
 from mim_refiner_jax import train_step as train_step_lib
 from mim_refiner_jax.convert import checkpoints as convert_lib
 from mim_refiner_jax.convert import mapping as convert_mapping
@@ -90,14 +92,19 @@ def log(message: str, *args):
 
 
 # ------------------------------------------------------------------------------------ distributed
-def initialize_distributed() -> distributed_lib.Watchdog | None:
-  """Starts JAX's multi-host runtime before any device is touched (never at import time), and
-  the watchdog that stops every process when one fails (None with one process)."""
+def distributed_requested() -> bool:
+  """--distributed=on, or auto with several processes (flags, a TPU pod, SLURM, Open MPI)."""
   explicit = _NUM_PROCESSES.value is not None and _NUM_PROCESSES.value > 1
   cluster = (len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
              or int(os.environ.get("SLURM_NTASKS", "1")) > 1
              or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
-  if _DISTRIBUTED.value == "off" or (_DISTRIBUTED.value == "auto" and not (explicit or cluster)):
+  return _DISTRIBUTED.value == "on" or (_DISTRIBUTED.value == "auto" and (explicit or cluster))
+
+
+def initialize_distributed() -> distributed_lib.Watchdog | None:
+  """Starts JAX's multi-host runtime before any device is touched (never at import time), and
+  the watchdog that stops every process when one fails (None with one process)."""
+  if not distributed_requested():
     return None
   if _HOST_TIMEOUT.value <= 0:
     raise errors.UserError(f"--host_timeout={_HOST_TIMEOUT.value} must be positive (seconds)")
@@ -614,7 +621,8 @@ def _train(config, workdir: str, stop_after: int | None, guard: WorkdirGuard):
   t0 = time.time()
   # Ctrl-C / SIGTERM from here on set a flag instead of raising KeyboardInterrupt inside XLA's
   # compile, after which the interpreter's teardown crashed (issue 19: exit -11).
-  preemption = checkpoint_lib.PreemptionFlag("stopping once the train step is compiled").install()
+  preemption = checkpoint_lib.PreemptionFlag("stopping once the train step is compiled").install(
+      multi_process=jax.process_count() > 1)
   log("compiling the train step")
   try:
     compiled = step_fn.lower(state, abstract_batch).compile()
@@ -668,7 +676,13 @@ def _train(config, workdir: str, stop_after: int | None, guard: WorkdirGuard):
       if guard.armed:  # the run has started: record how (read by resume and by stage 3)
         write_run_info(workdir, run_info, is_main)
         guard.first_step_done()
-      stop = preemption.is_set() or ckpt.reached_preemption(step) or (
+      # Several processes: the step all of them stop at after a SIGTERM / Ctrl-C on any of them
+      # (called every step on every process: JAX's protocol needs each one's current step).
+      agreed = ckpt.reached_preemption(step)
+      if agreed:
+        log("preemption notice (SIGTERM or Ctrl-C on a process): every process saves step %d "
+            "and stops", step)
+      stop = agreed or (jax.process_count() == 1 and preemption.is_set()) or (
           stop_after is not None and step - start >= stop_after)
       log_now = step % config.log_every_steps == 0 or step == total_steps
       save_now = ckpt.should_save(step) or stop or step == total_steps
@@ -799,6 +813,11 @@ def main(argv):
   config = _CONFIG.value
   if not isinstance(config, ml_collections.ConfigDict):  # ml_collections defers this error
     config_lib.load_config_file(flags.FLAGS["config"].config_filename)  # UserError naming it
+  if distributed_requested() and not supervisor.supervised():
+    # The trainer runs as a child of this process: JAX's abort when process 0 is lost becomes
+    # one line here (supervisor.py). Nothing has touched a device yet.
+    sys.exit(supervisor.run("mim_refiner_jax.train", sys.argv[1:], _PROCESS_ID.value,
+                            _NUM_PROCESSES.value))
   watchdog = initialize_distributed()
   given = "data.train" in config_flags.get_override_values(flags.FLAGS["config"])
   try:

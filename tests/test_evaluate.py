@@ -393,3 +393,28 @@ def test_other_protocols_get_the_right_features(tmp_path, flax_checkpoint, monke
   settings = results[next(iter(results))]["settings"]
   assert settings["dtype"] == "bfloat16" and settings["probe_augmentation"] == "none"
   assert results[next(iter(results))]["preset"] == "paper"
+
+
+def test_encoder_without_cls_token_evaluates_on_the_mean_patch(tmp_path, capsys):
+  """An I-JEPA-style encoder (no CLS token): every protocol's CLS default becomes the mean patch
+  token, said once; an explicit CLS key is a one-line error naming the fix."""
+  kwargs = dict(KWARGS, class_token=False, global_pool="avg", fc_norm=False)
+  variables = ViT(**kwargs).init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+  path = str(tmp_path / "no_cls")
+  convert_lib.save_flax(path, jax.tree.map(np.asarray, variables), kwargs)
+  common = ["--checkpoint", path, "--train", "synthetic:32", "--test", "synthetic:16,seed=1",
+            "--resize", "18", "--batch-size", "16", "--no-cache", "--no-progress",
+            "--out", str(tmp_path / "eval")]
+  results, = evaluate_tool.main(common + [
+      "--protocols", "knn,per_block,probe,cluster", "--probe-epochs", "1",
+      "--probe-lrs", "0.1", "--cluster-restarts", "1"]).values()
+  assert "no CLS token: the mean patch token instead" in capsys.readouterr().out
+  protocols = results["protocols"]
+  assert set(protocols["knn"]["accuracy"]) == {"block1_patch_mean"}
+  assert len(protocols["per_block"]["blocks"]) == 2
+  assert protocols["cluster"]["features"] == "block1_patch_mean"
+  assert results["settings"]["per_block_pooling"] == "patch_mean"
+  with pytest.raises(SystemExit) as exit_info:
+    evaluate_tool.main(common + ["--protocols", "knn", "--features", "block1_cls"])
+  assert exit_info.value.code == 2
+  assert "without a CLS token" in capsys.readouterr().err

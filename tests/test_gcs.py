@@ -6,11 +6,13 @@ empty: weights converted to gs://, a stage-2 run on a gs:// workdir starting fro
 (--stop_after_steps, as a preemption) and resumed, the same run uninterrupted (the losses must
 match), its stage-3 continuation from the gs:// stage-2 workdir, the export evaluated (k-NN) from
 gs:// with the feature cache and results in the bucket, and the export converted back out of the
-bucket. Then every artifact is looked up object by object in the emulator.
+bucket; stage 3 is stopped by SIGTERM and resumed. Then every artifact is looked up object by
+object in the emulator.
 """
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -83,7 +85,7 @@ def test_gs_workdirs_end_to_end(gcs, tmp_path):
   out = _run(gcs, cwd, *s2, f"--workdir={gs}/s2", "--stop_after_steps=3")
   assert "stopping at step 3" in out, out
   out = _run(gcs, cwd, *s2, f"--workdir={gs}/s2")
-  assert f"resumed {gs}/s2 at step 3" in out and f"exported the trained encoder to {gs}/s2/export" \
+  assert f"resumed {gs}/s2 at step 3" in out and f"exported the encoder to {gs}/s2/export" \
       in out, out
   _run(gcs, cwd, *s2, f"--workdir={gs}/s2_whole")
   resumed, whole = _losses(gcs, "s2"), _losses(gcs, "s2_whole")
@@ -91,11 +93,24 @@ def test_gs_workdirs_end_to_end(gcs, tmp_path):
   np.testing.assert_allclose([resumed[s] for s in range(1, 9)], [whole[s] for s in range(1, 9)],
                              rtol=1e-6)  # same devices, same order: equal up to float noise
 
-  # Stage 3 from the gs:// stage-2 workdir (SIGTERM and resume: the same code path as the stop
-  # above, also covered on local workdirs by test_cli.py and test_faults.py).
-  out = _run(gcs, cwd, *trainer, f"--config={CONFIG}:stage=3,knn=false",
-             f"--config.init.stage2_workdir={gs}/s2", f"--workdir={gs}/s3")
-  assert f"stage 3 starts from {gs}/s2 step 8" in out and "exported the EMA encoder" in out, out
+  # Stage 3 from the gs:// stage-2 workdir, stopped by SIGTERM (as a preempted VM is) once it
+  # steps, and resumed by the same command.
+  s3 = [*trainer, f"--config={CONFIG}:stage=3,knn=false", f"--config.init.stage2_workdir={gs}/s2",
+        f"--workdir={gs}/s3"]
+  proc = subprocess.Popen([sys.executable, *s3], cwd=cwd, env=_env(gcs), text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  lines = []
+  for line in proc.stdout:
+    lines.append(line)
+    if line.split(" ", 1)[-1].startswith("step 1/"):
+      proc.send_signal(signal.SIGTERM)
+      break
+  out = "".join(lines) + proc.communicate(timeout=300)[0]
+  assert proc.returncode == 0, out[-3000:]
+  assert f"stage 3 starts from {gs}/s2 step 8" in out and "SIGTERM received" in out, out[-3000:]
+  assert "exported" not in out, out[-3000:]  # it stopped before the end
+  out = _run(gcs, cwd, *s3)
+  assert f"resumed {gs}/s3 at step" in out and "exported the EMA encoder" in out, out
   assert sorted(_losses(gcs, "s3")) == list(range(1, 9))
 
   # A k-NN evaluation of the export from the bucket, cache and results there too.

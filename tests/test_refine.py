@@ -280,3 +280,26 @@ def test_config_of_the_files_family_and_size():
       f"nnclr_temp02_cls{b}" for b in ["", 10, 9, 8, 7])
   assert [d[0] for d in refine.config_diff(configs[3], paper[3])] == [
       "heads.names", "model.num_heads", "model.size"]
+
+
+def test_other_backbones_take_their_configs():
+  """DINOv2 with 4 registers and I-JEPA files take their configs/; any other ViT with timm options
+  takes configs/timm_vit.py at its size and patch, its heads and k-NN monitor on the mean patch
+  token when it has no CLS token; the family comes from the file's format and options."""
+  kw = dict(width=768, depth=12, num_heads=12, patch_size=16, mlp_ratio=4.0, prenorm=True,
+            pos_grid=14)
+  assert refine.family_of("timm", kw) == "mae"
+  assert refine.family_of("dinov2", dict(kw, reg_tokens=4, init_values=1e-5)) == "dinov2_reg4"
+  assert refine.family_of("ijepa", dict(kw, class_token=False, global_pool="avg")) == "ijepa"
+  assert refine.family_of("timm", dict(kw, reg_tokens=2)) == "timm"
+  assert refine.family_of("data2vec2", dict(kw, prenorm=False)) == "d2v2"
+  _, _, chosen = refine.choose_configs("", dict(
+      family="dinov2_reg4", size="large", patch_size=14, format="dinov2", path="f",
+      vit_kwargs=dict(kw, width=1024, depth=24, num_heads=16, patch_size=14, reg_tokens=4)))
+  assert chosen.startswith("configs/dinov2_l14_reg4.py")
+  no_cls = dict(kw, class_token=False, global_pool="avg")
+  configs, paper, chosen = refine.choose_configs("", dict(
+      family="timm", size="base", patch_size=16, format="timm", path="f", vit_kwargs=no_cls))
+  assert paper is None and "timm_vit.py:size=base,patch=16,pooling=mean_patch" in chosen
+  assert configs[3].evals.knn.features == "block11_patch_mean,patch_mean"
+  assert configs[3].model.size == "base" and configs[2].stage == 2

@@ -115,22 +115,43 @@ def knn_keys(spec: str, depth: int) -> tuple[str, ...]:
   return tuple(k for k in spec.split(",") if k)
 
 
-def probe_sets(depth: int, last4_pooling: str = "reference") -> dict:
+def probe_sets(depth: int, last4_pooling: str = "reference", has_cls: bool = True) -> dict:
   """Probe set name -> feature key; last4_pooling "reference" (4 CLS || 4 mean patch, section
-  10.2) or "dinov2" (4 CLS || the last block's mean patch, DINOv2's create_linear_input)."""
+  10.2) or "dinov2" (4 CLS || the last block's mean patch, DINOv2's create_linear_input). An
+  encoder without CLS token (I-JEPA): the mean patch token of the last block and of the last 4."""
   if last4_pooling not in ("reference", "dinov2"):
     raise ValueError(f"probe last-4 pooling must be 'reference' or 'dinov2', got "
                      f"{last4_pooling!r}")
   n = min(4, depth)
+  if not has_cls:
+    return {"last1_patch": "patch_mean", f"last{n}_patch": f"last{n}_patch_mean"}
   suffix = "_dinov2" if last4_pooling == "dinov2" else ""
   return {name.replace("last4", f"last{n}"):
           key.replace("last4", f"last{n}") + (suffix if key == "last4_cls_patch_mean" else "")
           for name, key in PROBE_FEATURES.items()}
 
 
-def needed_keys(opts: Options, depth: int) -> tuple[set, set]:
+def for_encoder_without_cls(opts: Options, depth: int) -> tuple[Options, list[str]]:
+  """The options with every CLS-token default replaced by the mean patch token (encoders without
+  CLS token, e.g. I-JEPA), and what was replaced; settings given explicitly stay (a "cls" key
+  there is then a one-line error naming the fix)."""
+  last = f"block{depth - 1}_patch_mean"
+  changes = {}
+  if opts.features in ("last", "all_blocks"):
+    changes["features"] = (last if opts.features == "last"
+                           else ",".join(per_block_lib.block_keys(depth, "patch_mean")))
+  if opts.per_block_pooling == "cls":
+    changes["per_block_pooling"] = "patch_mean"
+  if not opts.lowshot_features:
+    changes["lowshot_features"] = last
+  if not opts.cluster_features:
+    changes["cluster_features"] = last
+  return dataclasses.replace(opts, **changes), [f"{k}={v}" for k, v in changes.items()]
+
+
+def needed_keys(opts: Options, depth: int, has_cls: bool = True) -> tuple[set, set]:
   """(train keys, test keys) the chosen protocols read."""
-  last_cls = f"block{depth - 1}_cls"
+  last_cls = f"block{depth - 1}_{'cls' if has_cls else 'patch_mean'}"
   train, test = set(), set()
   for p in opts.protocols:
     if p == "knn":
@@ -141,7 +162,7 @@ def needed_keys(opts: Options, depth: int) -> tuple[set, set]:
     elif p == "per_block":
       keys = set(per_block_lib.block_keys(depth, opts.per_block_pooling))
     elif p == "probe":
-      keys = set(probe_sets(depth, opts.probe_last4_pooling).values())
+      keys = set(probe_sets(depth, opts.probe_last4_pooling, has_cls).values())
       if opts.probe_augmentation not in ("none", "copies", "fresh"):
         raise ValueError(f"probe augmentation must be none, copies or fresh, got "
                          f"{opts.probe_augmentation!r}")
@@ -237,7 +258,11 @@ def evaluate_checkpoint(path: str, opts: Options, mesh=None, log=print) -> dict:
   cache_dir = resolve_cache_dir(opts)
   log(f"{encoder.description}: depth {depth}; eval view: {dataset_lib.describe_view(transform)} "
       f"(from {view_from}); preset {opts.preset}")
-  train_keys, test_keys = needed_keys(opts, depth)
+  has_cls = encoder.vit_kwargs.get("class_token", True)
+  if not has_cls:
+    opts, replaced = for_encoder_without_cls(opts, depth)
+    log(f"  no CLS token: the mean patch token instead ({', '.join(replaced) or 'as given'})")
+  train_keys, test_keys = needed_keys(opts, depth, has_cls)
 
   def extract(split, spec, keys, view, dtype=opts.dtype):
     start = time.time()
@@ -264,7 +289,7 @@ def evaluate_checkpoint(path: str, opts: Options, mesh=None, log=print) -> dict:
                  settings=opts.settings(), label_mismatch=label_mismatch,
                  num_train=None if train is None else int(len(train["label"])),
                  num_test=int(len(test["label"])), protocols={})
-  last_cls = f"block{depth - 1}_cls"
+  last_cls = f"block{depth - 1}_{'cls' if has_cls else 'patch_mean'}"
   for p in opts.protocols:
     start = time.time()
     if p == "knn":
@@ -279,7 +304,8 @@ def evaluate_checkpoint(path: str, opts: Options, mesh=None, log=print) -> dict:
             train, test, depth, pooling=opts.per_block_pooling, mesh=mesh,
             progress=opts.progress, **_probe_kwargs(opts))
     elif p == "probe":
-      res = _run_probe(opts, encoder, train, test, depth, transform, image_size, extract, mesh)
+      res = _run_probe(opts, encoder, train, test, depth, transform, image_size, extract, mesh,
+                       has_cls)
       seconds = res.get("grid", res).get("epoch_seconds")
       if seconds:
         log(f"  probe: {np.mean(seconds):.2f} s per epoch over {len(seconds)} epochs "
@@ -315,9 +341,10 @@ def _probe_kwargs(opts: Options) -> dict:
                    batch_size=opts.probe_batch_size), **opts.probe_kwargs)
 
 
-def _run_probe(opts, encoder, train, test, depth, transform, image_size, extract, mesh) -> dict:
+def _run_probe(opts, encoder, train, test, depth, transform, image_size, extract, mesh,
+               has_cls=True) -> dict:
   from mim_refiner_jax.evaluation import probe  # pylint: disable=g-import-not-at-top
-  sets = probe_sets(depth, opts.probe_last4_pooling)
+  sets = probe_sets(depth, opts.probe_last4_pooling, has_cls)
   test_sets = {n: test[k] for n, k in sets.items()}
   if opts.probe_augmentation == "fresh":
     from mim_refiner_jax.evaluation import probe_stream  # pylint: disable=g-import-not-at-top
