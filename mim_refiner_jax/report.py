@@ -17,7 +17,7 @@ import shutil
 
 import numpy as np
 
-VERSION = 2  # bump when the report changes: a rerun then writes it again
+VERSION = 3  # bump when the report changes: a rerun then writes it again
 CURVES_PNG, PER_BLOCK_PNG = "report_curves.png", "report_per_block.png"
 
 
@@ -99,8 +99,8 @@ def eval_rows(evaluation: dict) -> list[tuple[str, float | None, float | None]]:
   return [(k, before.get(k), after.get(k)) for k in sorted(set(before) | set(after))]
 
 
-def _pct(v):
-  return "-" if v is None else f"{100 * v:.1f}"
+def _pct(v):  # the suite's scalars are in percent already (suite.scalars)
+  return "-" if v is None else f"{v:.1f}"
 
 
 def diff_rows(diff: dict) -> list[tuple[str, str, str]]:
@@ -133,7 +133,7 @@ def _sections(s: dict) -> list[tuple[str, list]]:
           ("config", s["chosen"]), ("training data", f"{s['train']} ({s['num_train']:,} images)"),
           ("evaluation", f"train {s['eval_train']}, test {s['eval_test']}"),
           ("command", s["command"])])])]
-  rows = [(k, _pct(a), _pct(b), "-" if a is None or b is None else f"{100 * (b - a):+.1f}")
+  rows = [(k, _pct(a), _pct(b), "-" if a is None or b is None else f"{b - a:+.1f}")
           for k, a, b in eval_rows(ev)]
   out.append((f"Evaluation before / after (%; test {ev['test']}, {ev['num_test']:,} images; "
               f"protocols {', '.join(ev['protocols'])})", [

@@ -199,3 +199,21 @@ def test_image_folder_in_a_bucket(gcs_here, tmp_path):
   np.testing.assert_array_equal(folder[1]["image"], pixels[1])  # PNG: lossless
   _, test = sources.default_eval_sources(f"image_folder:{root}")
   assert test["root"] == f"gs://{BUCKET}/images/val"
+
+
+def test_tfds_data_dir_in_a_bucket(gcs_here, tmp_path):
+  """A tfds dataset prepared as ArrayRecords, copied into the bucket, read with data_dir=gs://."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  from mim_refiner_jax.data import sources  # pylint: disable=g-import-not-at-top
+  from tests.test_data_sources import _make_tfds_builder  # pylint: disable=g-import-not-at-top
+  builder = _make_tfds_builder()(data_dir=str(tmp_path), file_format="array_record")
+  builder.download_and_prepare()
+  remote = epath.Path(f"gs://{BUCKET}/tfds")
+  for local in tmp_path.rglob("*"):
+    if local.is_file():
+      (remote / local.relative_to(tmp_path)).write_bytes(local.read_bytes())
+  src = sources.make_source({"name": "tfds", "dataset": builder.name, "split": "train",
+                             "data_dir": str(remote), "image_key": "img", "label_key": "cls"})
+  assert len(src) == 6
+  labels = sorted(int(src[i]["label"]) for i in range(6))
+  assert labels == [0, 0, 1, 1, 2, 2]

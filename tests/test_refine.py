@@ -181,6 +181,11 @@ def test_report_html_is_self_contained_and_complete(stopped_everywhere):
     assert expected in cells, expected
   for e in finished["exports"]:
     assert e["sha256"] in cells
+  # The evaluation table is in percent: before, refined and delta of a k-NN accuracy.
+  row = cells.index("knn/block1_cls/k5")
+  before, refined, delta = (float(c) for c in cells[row + 1:row + 4])
+  assert 0 <= before <= 100 and 0 <= refined <= 100
+  assert abs(refined - before - delta) < 0.11
   # The warmup of this 2-step run is clipped: the trainer's warning is listed.
   assert any("warmup clipped" in c for c in cells)
   with open(os.path.join(workdir, "report.md"), encoding="utf-8") as f:
