@@ -149,6 +149,14 @@ class TfdsSource:
                image_key: str = "image", label_key: str = "label"):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     self.name = f"tfds {dataset}[{split}]"
+    where = data_dir or os.environ.get("TFDS_DATA_DIR", "")
+    if paths.is_remote(where):
+      # tfds lists a gs:// dataset, but ArrayRecord's C++ reader opens only local files (without
+      # TensorFlow's file systems it hangs on a URL): say so instead of hanging.
+      raise UserError(
+          f"tfds data_dir {where}: ArrayRecord random access reads local files only; copy the "
+          f"prepared dataset to each host's disk (gcloud storage cp -r {where}/{dataset} "
+          "/data/tfds/) or mount the bucket (gcsfuse) and give that path as data_dir")
     self._image_key, self._label_key = image_key, label_key
     # Never download or prepare here: ImageNet needs a manual download, and a missing dataset
     # must be an error naming the directory, not an attempt that writes into data_dir.
