@@ -24,8 +24,6 @@ features, test labels) to a number and becomes a column of every feature in the 
 
 import argparse
 import functools
-import hashlib
-import json
 import os
 import shutil
 import sys
@@ -163,25 +161,6 @@ def evaluate(extract, digits: dict, protocols=None) -> dict:
 
 
 # ----------------------------------------------------------------------------- stages
-def _sha256(path: str) -> str:
-  with open(path, "rb") as f:
-    return hashlib.sha256(f.read()).hexdigest()
-
-
-def _read_json(path: str):
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
-
-
-def _write_json(path: str, obj):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(path + ".tmp", path)  # an interrupted run never leaves half a file
-
-
 def refine_argv(seed: int, args, workdir: str) -> list[str]:
   """The refine command of one seed: the shipped MAE (or --mae) on the digits, the demo config."""
   argv = ["--pretrained", args.mae, "--train", DIGITS, "--workdir",
@@ -201,7 +180,7 @@ def refine_argv(seed: int, args, workdir: str) -> list[str]:
 
 
 def cached_evaluation(path: str, key: dict, compute, progress: Progress, what: str):
-  cached = _read_json(path)
+  cached = refine.read_json(path)
   if cached and cached.get("key") == key:
     progress.skip(key["phase"])
     progress.say(f"reusing the evaluation of {what} from {path}")
@@ -210,7 +189,7 @@ def cached_evaluation(path: str, key: dict, compute, progress: Progress, what: s
     start = time.time()
     results = compute()
     seconds = time.time() - start
-  _write_json(path, {"key": key, "results": results, "seconds": seconds})
+  refine.write_json(path, {"key": key, "results": results, "seconds": seconds})
   return results, dict(seconds=seconds, reused=False)
 
 
@@ -380,7 +359,7 @@ def run(args, argv: list[str]) -> dict:
                         f"workdir {workdir}"):
       from mim_refiner_jax import train  # pylint: disable=g-import-not-at-top
       from mim_refiner_jax.convert import checkpoints  # pylint: disable=g-import-not-at-top
-      mae_sha = _sha256(args.mae) if os.path.isfile(args.mae) else os.path.abspath(args.mae)
+      mae_sha = refine.sha256(args.mae) if os.path.isfile(args.mae) else os.path.abspath(args.mae)
       mae = train.load_pretrained(args.mae, setting="--mae")
       depth = mae.vit_kwargs["depth"]
       digits = load_digits()
@@ -434,8 +413,8 @@ def run(args, argv: list[str]) -> dict:
         f"{results['load_avg_start'][0]:.1f} at the start)"
         + (f"; reused from earlier runs: {', '.join(reused)}" if reused else ""))
   run_file = os.path.join(workdir, "runs", f"{stamp}.json")
-  _write_json(run_file, results)
-  _write_json(os.path.join(workdir, "demo_results.json"), results)
+  refine.write_json(run_file, results)
+  refine.write_json(os.path.join(workdir, "demo_results.json"), results)
   plot(results, depth, os.path.join(workdir, "knn_per_block.png"))
   print(f"wrote {run_file} (this run), {workdir}/demo_results.json (latest) and "
         f"{workdir}/knn_per_block.png; the refine reports: "
