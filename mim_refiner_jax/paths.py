@@ -86,6 +86,32 @@ def local_copy(path):
     yield local
 
 
+def mirror_locally(directory, local_root, log=print) -> str:
+  """A local copy of a remote `directory` under `local_root` (its bucket and path below it),
+  refreshed file by file where the size differs; returns the local directory. For readers that
+  open local files only (ArrayRecord). Each file is written to a temporary name and renamed, so an
+  interrupted copy never leaves a short file under the real name."""
+  directory = resolve(directory)
+  local = os.path.join(local_root, directory.split("://", 1)[1].strip("/"))
+  files = [os.path.join(root, name) for root, _, names in walk(directory) for name in names]
+  todo = []
+  for remote in files:
+    target = os.path.join(local, os.path.relpath(remote, directory))
+    size = epath.Path(remote).stat().length
+    if not (os.path.exists(target) and os.path.getsize(target) == size):
+      todo.append((remote, target, size))
+  if todo:
+    log(f"copying {len(todo)} of {len(files)} files ({sum(t[2] for t in todo) / 2**30:.2f} GiB) of "
+        f"{directory} to {local}, once: the reader opens local files only")
+  for remote, target, _ in todo:
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    partial = f"{target}.partial.{os.getpid()}"  # (processes sharing a host copy side by side)
+    with epath.Path(remote).open("rb") as src, open(partial, "wb") as dst:
+      shutil.copyfileobj(src, dst, 16 << 20)
+    os.replace(partial, target)
+  return local
+
+
 @contextlib.contextmanager
 def upload_via_local(path):
   """Yields a local filename to write; a remote `path` receives the file when the block ends

@@ -201,10 +201,31 @@ def test_image_folder_in_a_bucket(gcs_here, tmp_path):
   assert test["root"] == f"gs://{BUCKET}/images/val"
 
 
-def test_tfds_data_dir_in_a_bucket_is_one_line(gcs_here):
-  """ArrayRecord's reader cannot open gs:// files (it hangs): refused at once, naming the fix."""
+def test_tfds_data_dir_in_a_bucket(gcs_here, tmp_path, monkeypatch):
+  """A tfds dataset prepared as ArrayRecords, copied into the bucket, read with data_dir=gs://:
+  ArrayRecord's reader opens local files only (a URL hangs it), so the dataset's folder is
+  mirrored to this host's disk once, then read there; a second source copies nothing."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
   from mim_refiner_jax import errors  # pylint: disable=g-import-not-at-top
   from mim_refiner_jax.data import sources  # pylint: disable=g-import-not-at-top
-  with pytest.raises(errors.UserError, match="reads local files only.*gcsfuse"):
-    sources.make_source({"name": "tfds", "dataset": "imagenet2012", "split": "validation",
-                         "data_dir": f"gs://{BUCKET}/tfds"})
+  from tests.test_data_sources import _make_tfds_builder  # pylint: disable=g-import-not-at-top
+  prepared = tmp_path / "prepared"
+  builder = _make_tfds_builder()(data_dir=str(prepared), file_format="array_record")
+  builder.download_and_prepare()
+  remote = epath.Path(f"gs://{BUCKET}/tfds")
+  for local in prepared.rglob("*"):
+    if local.is_file():
+      (remote / local.relative_to(prepared)).write_bytes(local.read_bytes())
+  monkeypatch.setenv("MIM_REFINER_TFDS_CACHE", str(tmp_path / "cache"))
+  spec = {"name": "tfds", "dataset": builder.name, "split": "train", "data_dir": str(remote),
+          "image_key": "img", "label_key": "cls"}
+  src = sources.make_source(spec)
+  assert len(src) == 6
+  assert sorted(int(src[i]["label"]) for i in range(6)) == [0, 0, 1, 1, 2, 2]
+  mirrored = tmp_path / "cache" / BUCKET / "tfds" / builder.name
+  assert any(p.name.startswith(f"{builder.name}-train.array_record") for p in mirrored.rglob("*"))
+  stamp = {p: p.stat().st_mtime_ns for p in mirrored.rglob("*") if p.is_file()}
+  sources.make_source(dict(spec, split="test"))  # everything is there: nothing copied again
+  assert stamp == {p: p.stat().st_mtime_ns for p in mirrored.rglob("*") if p.is_file()}
+  with pytest.raises(errors.UserError, match="not prepared in"):
+    sources.make_source(dict(spec, dataset="imagenet2012"))

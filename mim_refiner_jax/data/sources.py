@@ -142,6 +142,13 @@ def _warn_once(message: str):
 # ----------------------------------------------------------------------------------------------
 
 
+def tfds_cache_dir() -> str:
+  """Where a gs:// tfds data_dir is mirrored: $MIM_REFINER_TFDS_CACHE, else
+  ~/.cache/mim_refiner_jax/tfds (each host its own copy: ImageNet needs ~150 GB there)."""
+  return os.environ.get("MIM_REFINER_TFDS_CACHE") or os.path.join(
+      os.path.expanduser("~"), ".cache", "mim_refiner_jax", "tfds")
+
+
 class TfdsSource:
   """`tfds.data_source(dataset, split=..., data_dir=...)`: ArrayRecord random access, no TF."""
 
@@ -151,12 +158,15 @@ class TfdsSource:
     self.name = f"tfds {dataset}[{split}]"
     where = data_dir or os.environ.get("TFDS_DATA_DIR", "")
     if paths.is_remote(where):
-      # tfds lists a gs:// dataset, but ArrayRecord's C++ reader opens only local files (without
-      # TensorFlow's file systems it hangs on a URL): say so instead of hanging.
-      raise UserError(
-          f"tfds data_dir {where}: ArrayRecord random access reads local files only; copy the "
-          f"prepared dataset to each host's disk (gcloud storage cp -r {where}/{dataset} "
-          "/data/tfds/) or mount the bucket (gcsfuse) and give that path as data_dir")
+      # tfds lists a gs:// dataset, but ArrayRecord's C++ reader opens only local files (given a
+      # URL it hangs): the dataset's folder is mirrored to this host's disk once and read there.
+      base = dataset.split(":")[0].split("/")[0]
+      remote = paths.join(where, base)
+      if not paths.as_path(remote).is_dir():
+        raise UserError(f"tfds dataset {dataset} is not prepared in {where} ({remote} does not "
+                        "exist): prepare it once (see mim_refiner_jax/data/sources.py)")
+      paths.mirror_locally(remote, tfds_cache_dir(), log=logging.warning)
+      data_dir = os.path.join(tfds_cache_dir(), where.split("://", 1)[1].strip("/"))
     self._image_key, self._label_key = image_key, label_key
     # Never download or prepare here: ImageNet needs a manual download, and a missing dataset
     # must be an error naming the directory, not an attempt that writes into data_dir.
