@@ -1,5 +1,6 @@
 """Sources: record format, tfds (ArrayRecord, no TensorFlow), image folder, MNIST, synthetic,
 unreadable-file handling."""
+import functools
 import io
 import logging
 import os
@@ -126,6 +127,7 @@ def test_corrupt_images_are_skipped_counted_and_warned_once(tmp_path, caplog):
     fail_fast[fail_fast.source.files.index("b/y0_truncated.jpg")]
 
 
+@functools.cache  # tfds registers a builder class by name, once per process
 def _make_tfds_builder():
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
