@@ -91,13 +91,17 @@ def mirror_locally(directory, local_root, log=print) -> str:
   refreshed file by file where the size differs; returns the local directory. For readers that
   open local files only (ArrayRecord). Each file is written to a temporary name and renamed, so an
   interrupted copy never leaves a short file under the real name."""
+  import fsspec  # pylint: disable=g-import-not-at-top
   directory = resolve(directory)
-  local = os.path.join(local_root, directory.split("://", 1)[1].strip("/"))
-  files = [os.path.join(root, name) for root, _, names in walk(directory) for name in names]
+  scheme, below = directory.split("://", 1)
+  local = os.path.join(local_root, below.strip("/"))
+  fs, root = fsspec.core.url_to_fs(directory)
+  listing = fs.find(root, detail=True)  # every file with its size, in one listing
+  files = {f"{scheme}://{name}": info["size"] for name, info in listing.items()
+           if info.get("type") != "directory"}
   todo = []
-  for remote in files:
+  for remote, size in sorted(files.items()):
     target = os.path.join(local, os.path.relpath(remote, directory))
-    size = epath.Path(remote).stat().length
     if not (os.path.exists(target) and os.path.getsize(target) == size):
       todo.append((remote, target, size))
   if todo:

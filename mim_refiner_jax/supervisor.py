@@ -5,11 +5,12 @@ with it, and jaxlib aborts every other process at once (SIGABRT) with "Terminati
 the JAX distributed service detected fatal errors" and pages of C++ and Python stacks: Python
 cannot take that over (distributed.py). So on several processes `train.py` runs itself again as
 a child and watches it:
-  * the child's stdout is this process's; its stderr passes through line by line, except the
-    C++ log lines (`E1204 10:00:00.123 ...`), held back while the child runs;
+  * the child's stdout is this process's; its stderr passes through line by line, except that a
+    run of C++ log lines (`E1204 10:00:00.123 ...`) is held until the next other line (or 200 of
+    them), since JAX's abort message is such a run;
   * when the child aborts with JAX's message, this process prints ONE line and exits with status
     3 (distributed.LOST_PROCESS_EXIT_CODE), and leaves JAX's report in a file the line names;
-  * otherwise the held lines are printed at the end and the child's status is returned as is;
+  * otherwise what is held is printed and the child's status is returned as is;
   * SIGINT (Ctrl-C) and SIGTERM are passed on to the child, which saves a checkpoint and exits;
     the child is killed with this process (PR_SET_PDEATHSIG), as a lost host would be.
 MIM_REFINER_SUPERVISED=1 in the environment runs the trainer without a supervisor.
@@ -29,6 +30,7 @@ LOST_PROCESS_EXIT_CODE = 3  # distributed.LOST_PROCESS_EXIT_CODE (not imported: 
 JAX_ABORT = "Terminating process because the JAX distributed service detected fatal errors"
 # absl / glog C++ log lines: severity, MMDD, time, thread, file:line]
 _CPP_LOG = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\]")
+_HOLD = 200  # C++ log lines held at most before they are passed on
 
 
 def supervised() -> bool:
@@ -45,7 +47,8 @@ def _die_with_parent():
 
 def run(module: str, args: list[str], process_id: int | None, num_processes: int | None) -> int:
   """Runs `python -m module args` as a child; returns the exit status to use (see module doc)."""
-  child = subprocess.Popen([sys.executable, "-m", module, *args], env=dict(os.environ, **{ENV: "1"}),
+  child = subprocess.Popen([sys.executable, "-m", module, *args],
+                           env=dict(os.environ, **{ENV: "1"}),
                            stderr=subprocess.PIPE, text=True, errors="replace", bufsize=1,
                            start_new_session=True, preexec_fn=_die_with_parent)
   forward = lambda signum, frame: child.send_signal(signum)
@@ -54,13 +57,16 @@ def run(module: str, args: list[str], process_id: int | None, num_processes: int
 
   def pump():
     for line in child.stderr:
-      if aborted.is_set() or _CPP_LOG.match(line) or JAX_ABORT in line:
+      if JAX_ABORT in line:
+        aborted.set()
+      if aborted.is_set() or _CPP_LOG.match(line):
         held.append(line)
-        if JAX_ABORT in line:
-          aborted.set()
-      else:
-        sys.stderr.write(line)
-        sys.stderr.flush()
+        if aborted.is_set() or len(held) < _HOLD:
+          continue
+        line = ""  # (a long run of C++ lines: pass the held ones on)
+      sys.stderr.writelines(held + [line])
+      sys.stderr.flush()
+      held.clear()
 
   reader = threading.Thread(target=pump, daemon=True)
   reader.start()

@@ -95,8 +95,6 @@ def pool(tokens: jnp.ndarray, pooling: str, layout: tuple[int, int] = (1, 0)) ->
   raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
 
 
-_pool_tokens = pool
-
 
 def pooled_features(keys: Sequence[str], main_tokens, block_tokens: Mapping[int, jnp.ndarray],
                     depth: int | None = None, layout: tuple[int, int] = (1, 0),
@@ -106,7 +104,7 @@ def pooled_features(keys: Sequence[str], main_tokens, block_tokens: Mapping[int,
   `main_pooled`: the ViT's own pooled main output ({"cls", "patch_mean", "registers"}: after
   fc_norm where the model has one), preferred to pooling `main_tokens`."""
   main_pooled = main_pooled or {}
-  pool = functools.partial(_pool_tokens, layout=layout)
+  pool_at = functools.partial(pool, layout=layout)
   out = {}
   for key in keys:
     pooling, blocks = parse_key(key, depth)
@@ -114,21 +112,21 @@ def pooled_features(keys: Sequence[str], main_tokens, block_tokens: Mapping[int,
       out[key] = main_pooled[pooling]
     elif blocks is None and pooling == "cls_patch_mean" and "patch_mean" in main_pooled:
       out[key] = jnp.concatenate([main_pooled["cls"] if "cls" in main_pooled
-                                  else pool(main_tokens, "cls"), main_pooled["patch_mean"]], -1)
+                                  else pool_at(main_tokens, "cls"), main_pooled["patch_mean"]], -1)
     elif blocks is None:
-      out[key] = pool(main_tokens, pooling)
+      out[key] = pool_at(main_tokens, pooling)
     else:
       missing = [i for i in blocks if i not in block_tokens]
       if missing:
         raise ValueError(f"feature key {key!r} needs the outputs of blocks {missing}")
       if pooling == "cls_patch_mean":  # the reference's: n CLS, then n mean patch (module doc)
-        parts = ([pool(block_tokens[i], "cls") for i in blocks]
-                 + [pool(block_tokens[i], "patch_mean") for i in blocks])
+        parts = ([pool_at(block_tokens[i], "cls") for i in blocks]
+                 + [pool_at(block_tokens[i], "patch_mean") for i in blocks])
       elif pooling == "cls_patch_mean_dinov2":  # DINOv2's last-n input (module doc)
-        parts = [pool(block_tokens[i], "cls") for i in blocks]
-        parts.append(pool(block_tokens[blocks[-1]], "patch_mean"))
+        parts = [pool_at(block_tokens[i], "cls") for i in blocks]
+        parts.append(pool_at(block_tokens[blocks[-1]], "patch_mean"))
       else:
-        parts = [pool(block_tokens[i], pooling) for i in blocks]
+        parts = [pool_at(block_tokens[i], pooling) for i in blocks]
       out[key] = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
     out[key] = out[key].astype(jnp.float32)
   return out

@@ -44,7 +44,6 @@ RESULTS_VERSION = 3  # bump when the evaluation changes: cached evaluations are 
 # the epochs asked for, and the ETA scales all of them by the pace this run measures.
 NOMINAL_SECONDS = dict(setup=8, baselines=21, stage2=31, stage3=215, evaluate=8)
 DIGITS = "mnist:train,image_size=32"  # the refine command's --train (4,000 digits)
-Progress = progress_lib.Progress  # (where it lived before refine.py)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -161,6 +160,14 @@ def evaluate(extract, digits: dict, protocols=None) -> dict:
 
 
 # ----------------------------------------------------------------------------- stages
+def portable(path: str) -> str:
+  """The shipped MAE as its path inside the package (results files are copied to docs/ and must
+  not name this machine's folders); any other file as given."""
+  above_package = os.path.dirname(os.path.dirname(os.path.abspath(demo_config.__file__)))
+  full = os.path.abspath(path)
+  return os.path.relpath(full, above_package) if full == SHIPPED_MAE else path
+
+
 def refine_argv(seed: int, args, workdir: str) -> list[str]:
   """The refine command of one seed: the shipped MAE (or --mae) on the digits, the demo config."""
   argv = ["--pretrained", args.mae, "--train", DIGITS, "--workdir",
@@ -179,7 +186,7 @@ def refine_argv(seed: int, args, workdir: str) -> list[str]:
   return argv
 
 
-def cached_evaluation(path: str, key: dict, compute, progress: Progress, what: str):
+def cached_evaluation(path: str, key: dict, compute, progress: progress_lib.Progress, what: str):
   cached = refine.read_json(path)
   if cached and cached.get("key") == key:
     progress.skip(key["phase"])
@@ -353,7 +360,7 @@ def run(args, argv: list[str]) -> dict:
              (f"seed{seed} report", refine.NOMINAL["report"]),
              (f"seed{seed} evaluation", NOMINAL_SECONDS["evaluate"])]
 
-  with Progress(plan, label="demo") as progress:
+  with progress_lib.Progress(plan, label="demo") as progress:
     start, cpu_start = time.time(), time.process_time()
     with progress.phase("setup", f"loading the MAE to refine ({args.mae}) and the digits; "
                         f"workdir {workdir}"):
@@ -365,7 +372,7 @@ def run(args, argv: list[str]) -> dict:
       digits = load_digits()
     results = {"protocol": "k=10, tau=0.07, standardise with train statistics, L2-normalise",
                "train_size": len(digits["train"]), "test_size": len(digits["test"]),
-               "mae_checkpoint": {"path": args.mae, "sha256": mae_sha},
+               "mae_checkpoint": {"path": portable(args.mae), "sha256": mae_sha},
                "refined": {}, "times": {}, "command": "python tools/demo.py " + " ".join(argv),
                "started": stamp, "load_avg_start": os.getloadavg()}
 
@@ -393,7 +400,8 @@ def run(args, argv: list[str]) -> dict:
           f"the refined model of seed {seed}")
       results["refined"][str(seed)] = res
       results["times"][f"seed{seed}"] = times
-      results.setdefault("reports", {})[str(seed)] = refined_run["report"]["html"]
+      results.setdefault("reports", {})[str(seed)] = os.path.relpath(  # (runs/*.json travel)
+          refined_run["report"]["html"], workdir)
     results["times"]["this_run_sec"] = time.time() - start
     # CPU seconds of all threads: on an idle 2-core machine the wall time is between this / 2
     # and this, whatever the load during the run was.
@@ -418,7 +426,7 @@ def run(args, argv: list[str]) -> dict:
   plot(results, depth, os.path.join(workdir, "knn_per_block.png"))
   print(f"wrote {run_file} (this run), {workdir}/demo_results.json (latest) and "
         f"{workdir}/knn_per_block.png; the refine reports: "
-        + ", ".join(results["reports"].values()))
+        + ", ".join(os.path.join(workdir, r) for r in results["reports"].values()))
   return results
 
 
