@@ -43,6 +43,11 @@ def jax_heartbeat_timeout(host_timeout: float) -> int:
   return int(max(100, 2 * host_timeout + 30))
 
 
+def _count(value) -> int:
+  """A heartbeat counter as stored (a decimal string; None before the first one)."""
+  return -1 if value is None else int(value)
+
+
 def _client():
   from jax._src import distributed  # pylint: disable=g-import-not-at-top
   return distributed.global_state.client
@@ -160,19 +165,34 @@ class Watchdog:
     if key == "exiting":
       time.sleep(0.2)  # their os._exit follows their key at once
 
+  def _counters(self) -> dict | None:
+    """Every other live process's heartbeat counter, read from the store now (None: no store)."""
+    try:
+      entries = dict(self.client.key_value_dir_get(_PREFIX))
+    except Exception:  # pylint: disable=broad-except  # the store is gone: wait for the watchdog
+      return None
+    return {p: entries.get(f"{_PREFIX}alive/{p}") for p in list(self._changed)}
+
   # ------------------------------------------------------------------------ this process fails
   def fail(self, error: BaseException, verbose: bool = False):
     """Ends this process for `error` and tells the others; never returns.
 
-    A user error or Ctrl-C is this process's own: published at once. Anything else may be the
-    echo of another process's death (a collective that lost its peer), so the watchdog gets
-    `timeout` seconds to name that process first; only then is it reported as this one's bug.
+    Anything may be the echo of another process's death (a collective or a checkpoint save that
+    lost its peer), so the watchdog first gets the time to name that process: a user error or
+    Ctrl-C waits until every other process has shown a heartbeat since (an interval or two), any
+    other error `timeout` seconds; only then is it reported as this process's own.
     """
     user_error = errors.is_user_error(error) or isinstance(error, KeyboardInterrupt)
-    if not user_error:
-      deadline = time.monotonic() + self.timeout + 3 * self.interval
-      while time.monotonic() < deadline:  # the watchdog thread exits the process if it decides
-        time.sleep(self.interval / 2)
+    # A user error is published once every other process's heartbeat counter has moved past its
+    # value now (an interval or two): a checkpoint save whose collective lost a dead peer fails
+    # as a UserError too, and is then reported as that peer's loss, not as a disk error.
+    counters = self._counters() if user_error else None
+    deadline = time.monotonic() + self.timeout + 3 * self.interval
+    while time.monotonic() < deadline:  # the watchdog thread exits the process if it decides
+      if counters is not None and all(_count(self._changed[p][0]) > _count(value)
+                                      for p, value in counters.items() if p in self._changed):
+        break
+      time.sleep(self.interval / 2)
     self._failing = True
     if isinstance(error, KeyboardInterrupt):
       status, message = 130, "interrupted"

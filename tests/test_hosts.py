@@ -113,9 +113,9 @@ def test_kill_9_stops_the_others_and_the_run_resumes(pretrained, tmp_path, victi
   survivor = procs[1 - victim]
   try:
     lines = []
-    for line in procs[0].stdout:  # process 0 logs; wait until it is past a checkpoint
-      lines.append(line)
-      if line.split(" ", 1)[-1].startswith("step 5/"):
+    for line in procs[0].stdout:  # process 0 logs; kill as the step-6 checkpoint save starts
+      lines.append(line)  # (a save whose collective loses its peer still names the lost process)
+      if line.split(" ", 1)[-1].startswith("step 6/"):
         break
     killed_at = time.monotonic()
     procs[victim].send_signal(signal.SIGKILL)
