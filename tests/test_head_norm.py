@@ -1,5 +1,5 @@
-"""heads.norm (models/heads.py): sync_batch unchanged, async_stats and local_batch against numpy
-transcriptions on 1 and 8 devices, the compiled forward's wait on all-reduces (hlo_deps), and
+"""heads.norm (models/heads.py): sync_batch unchanged, async_stats, batch_renorm and local_batch
+against numpy transcriptions on 1 and 8 devices, the compiled forward's wait on all-reduces (hlo_deps), and
 stage 2 -> 3 carrying the async statistics."""
 
 import math
@@ -39,8 +39,17 @@ def np_head(params, stats, x, norm, groups=1):
     h = h @ np.asarray(p["dense"]["kernel"], np.float64)
     scale, bias = (np.asarray(p["bn"][k], np.float64) for k in ("scale", "bias"))
     mean, var = np.asarray(s["mean"], np.float64), np.asarray(s["var"], np.float64)
-    if norm == "async_stats":  # previous statistics; this batch's for the bias-corrected EMA
+    if norm in ("async_stats", "batch_renorm"):  # previous statistics; this batch's for the EMA
       y = (h - mean) / np.sqrt(var + heads.BN_EPS)
+      if norm == "batch_renorm":  # Ioffe's r and d per group (the value's, without gradient)
+        hg = h.reshape(h.shape[0], groups, -1, h.shape[-1])
+        gm, gs = hg.mean(axis=(0, 2), keepdims=True), np.sqrt(hg.var(axis=(0, 2), keepdims=True)
+                                                                + heads.BN_EPS)
+        std = np.sqrt(var + heads.BN_EPS)
+        r, d = np.clip(gs / std, 1 / 3, 3), np.clip((gm - mean) / std, -5, 5)
+        if float(s["weight"]) == 0:
+          r, d = 1.0, 0.0
+        y = ((hg - gm) / gs * r + d).reshape(h.shape)
       w = (1 - M) * float(s["weight"]) + M
       bm, bv = h.reshape(-1, h.shape[-1]).mean(0), h.reshape(-1, h.shape[-1]).var(0)
       new = {"mean": mean + M / w * (bm - mean), "var": var + M / w * (bv - var), "weight": w}
@@ -86,28 +95,31 @@ def inputs(step):
   return (rng.normal(size=(V, B, D)) * (1 + step) + step).astype(np.float32)
 
 
+def three_steps(norm, n):
+  """Three train-mode steps of a head with `norm` on `n` devices (groups = n), from key 0."""
+  head, fn = head_step(mesh_of(n), norm, n)
+  variables = head.init(jax.random.key(0), jnp.zeros((V, 2, D)), train=False)
+  stats, out = variables["batch_stats"], []
+  for t in range(3):
+    z, p, stats = fn({"params": variables["params"], "batch_stats": stats}, inputs(t))
+    out.append(jax.device_get((z, p, stats)))
+  return jax.device_get(variables), out
+
+
 @pytest.fixture(scope="module")
 def async_runs():
   """Three async_stats steps on 1 and on 8 devices, from the same variables."""
-  runs = {}
-  for n in (1, 8):
-    head, fn = head_step(mesh_of(n), "async_stats", n)
-    variables = head.init(jax.random.key(0), jnp.zeros((V, 2, D)), train=False)
-    stats, out = variables["batch_stats"], []
-    for t in range(3):
-      z, p, stats = fn({"params": variables["params"], "batch_stats": stats}, inputs(t))
-      out.append(jax.device_get((z, p, stats)))
-    runs[n] = (jax.device_get(variables), out)
-  return runs
+  return {n: three_steps("async_stats", n) for n in (1, 8)}
 
 
-@pytest.mark.parametrize("n", [1, 8])
-def test_async_stats_matches_numpy_over_three_steps(async_runs, n):
-  variables, out = async_runs[n]
+@pytest.mark.parametrize("norm,n", [("async_stats", 1), ("async_stats", 8), ("batch_renorm", 1),
+                                    ("batch_renorm", 8)])
+def test_stored_statistics_modes_match_numpy_over_three_steps(async_runs, norm, n):
+  variables, out = async_runs[n] if norm == "async_stats" else three_steps(norm, n)
   stats = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["batch_stats"])
   assert float(stats["projector_0"]["bn"]["weight"]) == 0.0
   for t in range(3):
-    z, p, stats = np_head(variables["params"], stats, inputs(t), "async_stats")
+    z, p, stats = np_head(variables["params"], stats, inputs(t), norm, groups=n)
     got_z, got_p, got_stats = out[t]
     # fp32 against float64; tolerances 1e-4 relative (activations of order 1..10)
     np.testing.assert_allclose(got_z, z, rtol=1e-4, atol=1e-4, err_msg=f"z step {t}")
@@ -137,6 +149,33 @@ def test_async_stats_passes_no_gradient_through_the_statistics():
   forward = lambda x: bn.apply(variables, x, train=True, mutable=["batch_stats"])[0].sum()
   grad = jax.grad(forward)(x)
   np.testing.assert_allclose(grad, np.full(x.shape, 2 / np.sqrt(3 + heads.BN_EPS)), rtol=1e-6)
+
+
+def test_batch_renorm_is_sync_batch_when_the_stored_statistics_are_the_batchs():
+  """r = 1, d = 0 when the stored mean/var are the batch's own (1 device): value and gradient are
+  sync_batch's (so the gradient flows through the batch statistics, unlike async_stats'); with
+  other stored statistics the value is async_stats' (clips inactive) but the gradient is not."""
+  x = jnp.asarray(inputs(1)[..., :4])
+  params = {"scale": jnp.asarray([2.0, 0.5, 1.0, 3.0]), "bias": jnp.asarray([0.0, 1.0, -1.0, 0.5])}
+  own = {"mean": x.reshape(-1, 4).mean(0), "var": x.reshape(-1, 4).var(0), "weight": jnp.ones(())}
+  other = dict(own, mean=own["mean"] + 0.3, var=own["var"] * 1.5)
+  probe = jnp.asarray(np.random.default_rng(0).normal(size=x.shape), jnp.float32)
+
+  def value_and_grad(norm, stats):
+    bn = heads.TorchBatchNorm(norm=norm)
+    variables = {"params": params, "batch_stats": stats if norm != "sync_batch" else
+                 {k: stats[k] for k in ("mean", "var")}}
+    forward = lambda x: bn.apply(variables, x, train=True, mutable=["batch_stats"])[0]
+    return forward(x), jax.grad(lambda x: jnp.sum(forward(x) * probe))(x)
+
+  y_renorm, g_renorm = value_and_grad("batch_renorm", own)
+  y_sync, g_sync = value_and_grad("sync_batch", own)
+  np.testing.assert_allclose(y_renorm, y_sync, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(g_renorm, g_sync, rtol=1e-4, atol=1e-5)
+  y_renorm, g_renorm = value_and_grad("batch_renorm", other)
+  y_async, g_async = value_and_grad("async_stats", other)
+  np.testing.assert_allclose(y_renorm, y_async, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(g_renorm, g_async, atol=1e-2)
 
 
 def test_local_batch_matches_numpy_per_device_groups():
@@ -169,11 +208,11 @@ def test_local_batch_on_one_device_equals_sync_batch():
 # ----------------------------------------------------------------------------- compiled HLO
 def test_forward_waits_for_statistics_all_reduces_only_in_sync_batch():
   """The compiled forward+backward of a head on 8 devices: sync_batch's normalisation depends on
-  the BN-statistics all-reduces, async_stats' and local_batch's on none (async_stats still
-  all-reduces its statistics, for the next step)."""
+  the BN-statistics all-reduces, async_stats', local_batch's and batch_renorm's on none
+  (async_stats and batch_renorm still all-reduce their statistics, for the next step)."""
   mesh = mesh_of(8)
   found = {}
-  for norm in ("sync_batch", "async_stats", "local_batch"):
+  for norm in ("sync_batch", "async_stats", "local_batch", "batch_renorm"):
     head, _ = head_step(mesh, norm, 8)
     variables = head.init(jax.random.key(0), jnp.zeros((V, 2, D)), train=False)
 
@@ -195,6 +234,8 @@ def test_forward_waits_for_statistics_all_reduces_only_in_sync_batch():
   assert found["async_stats"][0] > 0 and found["async_stats"][1] == 0, found
   assert found["async_stats"][2] > 0, found  # the statistics are still communicated
   assert found["local_batch"][0] > 0 and found["local_batch"][1] == 0, found
+  assert found["batch_renorm"][0] > 0 and found["batch_renorm"][1] == 0, found
+  assert found["batch_renorm"][2] > 0, found
 
 
 # ----------------------------------------------------------------------------- the train step

@@ -44,6 +44,16 @@ scale/bias, so params and optimizer state are the same in every mode):
                with exactly step 0's global statistics. Eval uses mean, var: what the next train
                step would use.
                `weight` (w_t) is an extra batch_stats entry of this mode.
+  batch_renorm Batch Renormalization (Ioffe 2017) over async_stats' statistics: the forward's value
+               is (close to) async_stats', the gradient is local_batch's. Per block g of the batch
+               (as local_batch: one per device, no collective) mu_g, s_g = sqrt(s2_g + eps) with
+               gradient; with the stored mean, s = sqrt(var + eps):
+                 r = sg(clip(s_g / s, 1/3, 3)),  d = sg(clip((mu_g - mean) / s, -5, 5))
+                 y = ((x - mu_g) / s_g * r + d) * scale + bias
+               which is (x - mean) / s * scale + bias while the clips (Ioffe's final r_max 3,
+               d_max 5) are inactive. Step 0 (weight 0: nothing stored yet) uses r = 1, d = 0,
+               i.e. local_batch. mean, var and weight are updated exactly as async_stats' (the
+               global batch statistics, all-reduced for the next step). Eval: mean, var.
   none         no statistics: y = x * scale + bias, in train and eval (the paper's ablation
                "without normalisation"); mean/var stay at their initial values, unused.
 """
@@ -59,7 +69,8 @@ from mim_refiner_jax.models.vit import gelu_exact
 
 BN_EPS = 1e-5       # torch BatchNorm1d default
 BN_MOMENTUM = 0.1   # torch convention: running <- (1 - m) * running + m * batch
-NORMS = ("sync_batch", "local_batch", "async_stats", "none")  # config heads.norm
+NORMS = ("sync_batch", "local_batch", "async_stats", "batch_renorm", "none")  # config heads.norm
+RENORM_R_MAX, RENORM_D_MAX = 3.0, 5.0  # batch_renorm's clips (Ioffe 2017's final values)
 
 
 class TorchBatchNorm(nn.Module):
@@ -96,7 +107,7 @@ class TorchBatchNorm(nn.Module):
       with jax.named_scope("head_norm_apply"):
         y = x * scale + bias
       return y.astype(self.dtype)
-    if self.norm == "async_stats":
+    if self.norm in ("async_stats", "batch_renorm"):
       return self._async(x, scale, bias, ra_mean, ra_var, train)
     if self.norm == "local_batch" and train:
       return self._local(x, scale, bias, ra_mean, ra_var)
@@ -118,11 +129,12 @@ class TorchBatchNorm(nn.Module):
       y = (x - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
     return y.astype(self.dtype)
 
-  def _local(self, x, scale, bias, ra_mean, ra_var):
-    """Statistics per block of `groups` consecutive samples of the batch axis (axis -2)."""
+  def _group_stats(self, x):
+    """x cut into `groups` blocks of consecutive samples of the batch axis (axis -2), each
+    block's mean and biased variance over its rows, and the rows per block."""
     b, g = x.shape[-2], self.groups
     if b % g:
-      raise ValueError(f"local_batch: the batch of {b} does not split into {g} groups")
+      raise ValueError(f"{self.norm}: the batch of {b} does not split into {g} groups")
     grouped = x.reshape(x.shape[:-2] + (g, b // g, x.shape[-1]))  # [..., G, B/G, C]
     axes = tuple(range(grouped.ndim - 3)) + (grouped.ndim - 2,)   # all but groups, features
     n = int(np.prod(grouped.shape[:-3])) * (b // g)               # rows per group
@@ -131,6 +143,12 @@ class TorchBatchNorm(nn.Module):
     with jax.named_scope("head_norm_stats"):
       mean = grouped.mean(axis=axes, keepdims=True)               # [1.., G, 1, C]
       var = jnp.square(grouped - mean).mean(axis=axes, keepdims=True)
+    return grouped, mean, var, n
+
+  def _local(self, x, scale, bias, ra_mean, ra_var):
+    """Statistics per block of `groups` consecutive samples of the batch axis."""
+    grouped, mean, var, n = self._group_stats(x)
+    g = self.groups
     if not self.is_initializing():
       m, c = self.momentum, x.shape[-1]
       ra_mean.value = (1 - m) * ra_mean.value + m * mean.reshape(g, c).mean(axis=0)
@@ -143,8 +161,11 @@ class TorchBatchNorm(nn.Module):
     """Normalise with the stored statistics; fold this step's global ones in for the next."""
     weight = self.variable("batch_stats", "weight", lambda: jnp.zeros((), jnp.float32))
     mean, var = ra_mean.value, ra_var.value  # previous steps' (state: no gradient)
-    with jax.named_scope("head_norm_apply"):
-      y = (x - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
+    if self.norm == "batch_renorm" and train:
+      y = self._renorm(x, scale, bias, mean, var, weight.value)
+    else:
+      with jax.named_scope("head_norm_apply"):
+        y = (x - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
     if train and not self.is_initializing():
       axes = tuple(range(x.ndim - 1))
       with jax.named_scope("head_norm_stats"):
@@ -158,6 +179,20 @@ class TorchBatchNorm(nn.Module):
       ra_mean.value = mean + rate * (batch_mean - mean)
       ra_var.value = var + rate * (batch_var - var)
     return y.astype(self.dtype)
+
+  def _renorm(self, x, scale, bias, mean, var, weight):
+    """batch_renorm's train-mode forward (module docstring): local statistics carry the gradient,
+    r and d (no gradient) move the value onto the stored statistics'."""
+    grouped, group_mean, group_var, _ = self._group_stats(x)
+    with jax.named_scope("head_norm_apply"):
+      group_std = jnp.sqrt(group_var + self.eps)
+      std = jnp.sqrt(var + self.eps)
+      stored = weight > 0  # step 0: nothing stored yet, plain per-block BatchNorm
+      r = jnp.where(stored, jnp.clip(group_std / std, 1 / RENORM_R_MAX, RENORM_R_MAX), 1.0)
+      d = jnp.where(stored, jnp.clip((group_mean - mean) / std, -RENORM_D_MAX, RENORM_D_MAX), 0.0)
+      r, d = jax.lax.stop_gradient(r), jax.lax.stop_gradient(d)
+      y = ((grouped - group_mean) / group_std * r + d) * scale + bias
+    return y.reshape(x.shape)
 
 
 class LinearBN(nn.Module):

@@ -38,7 +38,7 @@ from mim_refiner_jax import refine
 from mim_refiner_jax.demo_config import SHIPPED_MAE
 
 # models/heads.py NORMS, spelled out: the demo imports jax only after its first output.
-HEAD_NORMS = ("sync_batch", "local_batch", "async_stats", "none")
+HEAD_NORMS = ("sync_batch", "local_batch", "async_stats", "batch_renorm", "none")
 RESULTS_VERSION = 3  # bump when the evaluation changes: cached evaluations are then redone
 # Seconds per phase of the default demo on 2 idle cores (a fresh run); the stages' are scaled by
 # the epochs asked for, and the ETA scales all of them by the pace this run measures.

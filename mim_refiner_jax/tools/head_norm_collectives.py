@@ -19,7 +19,7 @@ import json
 import sys
 import time
 
-MODES = ("sync_batch", "local_batch", "async_stats", "none")
+MODES = ("sync_batch", "local_batch", "async_stats", "batch_renorm", "none")
 
 
 def analyse(config, devices, mode: str) -> dict:
