@@ -188,7 +188,8 @@ def head_specs(config) -> list[config_lib.HeadSpec]:
 
 # ------------------------------------------------------------------------------- model, optimizer
 def build_model(config, vit_kwargs: dict, num_devices: int | None = None) -> Refiner:
-  """`num_devices`: those the batch is sharded over (default all; heads.norm=local_batch)."""
+  """`num_devices`: those the batch is sharded over (default all): the blocks of per-device
+  statistics of heads.norm local_batch and batch_renorm."""
   dtype = jnp.dtype(config.model.compute_dtype)
   # Stage 3 cuts the backward pass at the frozen blocks (pre-norm ViTs; models/vit.py says why).
   frozen = config.optim.frozen_blocks if config.stage == 3 and vit_kwargs["prenorm"] else 0

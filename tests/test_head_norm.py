@@ -1,6 +1,6 @@
 """heads.norm (models/heads.py): sync_batch unchanged, async_stats, batch_renorm and local_batch
-against numpy transcriptions on 1 and 8 devices, the compiled forward's wait on all-reduces (hlo_deps), and
-stage 2 -> 3 carrying the async statistics."""
+against numpy transcriptions on 1 and 8 devices, the compiled forward's wait on all-reduces
+(hlo_deps), and stage 2 -> 3 carrying the async statistics."""
 
 import math
 

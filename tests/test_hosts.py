@@ -2,9 +2,9 @@
 
 The real command in subprocesses on the tiny config: a process killed with SIGKILL stops the other
 within the --host_timeout bound with one line naming it, and the same command resumes; a process
-that fails at start-up stops the others with its error; a run checkpointed on 2 processes resumes
-on 1 and (marked slow) on 4, after 1 -> 2, with the losses of an uninterrupted run. Every run has 4 CPU devices
-in all (4 x 1, 2 x 2, 1 x 4), so only the collectives' implementation differs between them.
+that fails at start-up stops the others with its error; a run checkpointed on 2 processes (after
+1 -> 2) resumes on 1 and (marked slow) on 4 with the losses of an uninterrupted run. Every run has
+4 CPU devices in all (4 x 1, 2 x 2, 1 x 4), so only the collectives' implementation differs.
 """
 
 import json
@@ -74,7 +74,8 @@ def _args(pretrained, workdir, *extra):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def elastic_prefix(pretrained, tmp_path_factory):  # noqa: F811
-  """The uninterrupted run's losses, and a run stopped at step 5: steps 1-2 on 1 process, 3-5 on 2."""
+  """The uninterrupted run's losses, and a run stopped at step 5 (steps 1-2 on 1 process, 3-5 on
+  2)."""
   tmp = tmp_path_factory.mktemp("elastic")
   straight = tmp / "straight"
   _run(1, _args(pretrained, straight))

@@ -205,12 +205,14 @@ def padded_batches(images, labels, batch_size):
                mask=np.arange(batch_size) < len(image))
 
 
-@pytest.mark.parametrize("num_devices", [8, 1])
-def test_extract_features_matches_direct_apply(tiny_vit, num_devices):
+# (8, 5): batches that do not divide over the devices (the demo's k-NN monitor, 500 rows on 8
+# devices) are padded with masked rows, to the same compiled shape as (8, 8).
+@pytest.mark.parametrize("num_devices,batch_size", [(8, 8), (1, 8), (8, 5)])
+def test_extract_features_matches_direct_apply(tiny_vit, num_devices, batch_size):
   model, variables, apply_fn, images, aux = tiny_vit
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:num_devices]), ("data",))
   labels = np.arange(13) % 4
-  out = feats_lib.extract_features(apply_fn, variables, padded_batches(images, labels, 8),
+  out = feats_lib.extract_features(apply_fn, variables, padded_batches(images, labels, batch_size),
                                    feature_keys=KEYS, depth=model.depth, mesh=mesh)
   assert set(out) == set(KEYS) | {"label", "index"}
   np.testing.assert_array_equal(out["label"], labels)
@@ -225,7 +227,8 @@ def test_extract_features_matches_direct_apply(tiny_vit, num_devices):
   assert not np.allclose(out["cls"], aux["block_cls"][1], atol=1e-3)
   # A second pass (under the trainer's transfer guard) reuses the compiled function.
   with jax.transfer_guard("disallow"):
-    again = feats_lib.extract_features(apply_fn, variables, padded_batches(images, labels, 8),
+    again = feats_lib.extract_features(apply_fn, variables,
+                                       padded_batches(images, labels, batch_size),
                                        feature_keys=KEYS, depth=model.depth, mesh=mesh)
   np.testing.assert_array_equal(again["cls"], out["cls"])
   assert feats_lib._feature_fn(apply_fn, KEYS, model.depth, mesh)._cache_size() == 1

@@ -51,7 +51,8 @@ def main(argv=None) -> int:
     mae = mae or results["mae"][FEATURE]
   print("| setting | heads.norm | seeds | " + " | ".join(t for _, t in METRICS) + " |")
   print("|---|---|---|" + "---|" * len(METRICS))
-  print("| MAE before refinement | | | " + " | ".join(mean_std([mae[k]]) for k, _ in METRICS) + " |")
+  mae_cells = " | ".join(mean_std([mae[k]]) for k, _ in METRICS)
+  print(f"| MAE before refinement | | | {mae_cells} |")
   rank = lambda key: (list(SETTINGS).index(key[0]) if key[0] in SETTINGS else len(SETTINGS),
                       ORDER.index(key[1]) if key[1] in ORDER else len(ORDER), key)
   for setting, mode in sorted(runs, key=rank):

@@ -126,6 +126,12 @@ def _fetch(x: jax.Array) -> np.ndarray:
   return np.asarray(jax.device_get(x.addressable_data(0)))
 
 
+def _pad_rows(tree, pad: int):
+  """`pad` zero rows appended to every array of `tree` (mask rows False: they are dropped)."""
+  zeros = lambda a: np.zeros((pad,) + a.shape[1:], a.dtype)
+  return jax.tree.map(lambda a: np.concatenate([a, zeros(a)]), tree)
+
+
 def extract_features(apply_fn: Callable[[Any, jax.Array], tuple[Any, dict]], variables,
                      batches: Iterable[dict], *, feature_keys: Sequence[str],
                      depth: int | None = None, mesh=None, progress: str | None = None,
@@ -166,9 +172,6 @@ def extract_features(apply_fn: Callable[[Any, jax.Array], tuple[Any, dict]], var
   for batch in batches:
     images = np.asarray(jax.device_get(batch["image"]), np.float32)
     b = len(images)
-    if b % local_devices:
-      raise ValueError(f"per-host batch of {b} rows does not divide over the {local_devices} "
-                       "local devices; pad the eval batches to a multiple (make_eval_loader)")
     if per_row_keys is None:
       per_row_keys = tuple(key for key in _PER_ROW if key in batch)
     per_row = {key: np.asarray(batch[key], np.int32) for key in per_row_keys}
@@ -177,6 +180,8 @@ def extract_features(apply_fn: Callable[[Any, jax.Array], tuple[Any, dict]], var
       if values.shape != (b,):
         raise ValueError(f"batch {key!r} must have shape ({b},) like the images, got "
                          f"{values.shape}")
+    if b % local_devices:  # e.g. the k-NN monitor's 500 rows on 8 devices: 4 masked rows more
+      images, per_row, mask = _pad_rows((images, per_row, mask), -b % local_devices)
     to_global = functools.partial(jax.make_array_from_process_local_data, batch_sharding)
     outputs = fn(variables, to_global(images), jax.tree.map(to_global, per_row), to_global(mask))
     if pending is not None:  # fetch the previous batch while this one computes
