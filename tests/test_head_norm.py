@@ -331,3 +331,11 @@ def test_unknown_norm_is_a_user_error_and_stage_3_keeps_stage_2s():
   with pytest.raises(errors.UserError,
                      match="heads.norm='async_stats' but .* heads.norm='sync_batch'"):
     train.check_same_fields(config, saved, train.HEAD_FIELDS, "the stage-2 state", "fix")
+
+
+def test_the_tools_offer_every_mode():
+  """demo.py and head_norm_collectives.py spell the modes out (they import jax late)."""
+  # pylint: disable=g-import-not-at-top
+  from mim_refiner_jax.tools import demo, head_norm_collectives
+  assert demo.HEAD_NORMS == heads.NORMS
+  assert head_norm_collectives.MODES == heads.NORMS
