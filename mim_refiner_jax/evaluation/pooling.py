@@ -95,7 +95,6 @@ def pool(tokens: jnp.ndarray, pooling: str, layout: tuple[int, int] = (1, 0)) ->
   raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
 
 
-
 def pooled_features(keys: Sequence[str], main_tokens, block_tokens: Mapping[int, jnp.ndarray],
                     depth: int | None = None, layout: tuple[int, int] = (1, 0),
                     main_pooled: Mapping[str, jnp.ndarray] | None = None) -> dict:
